@@ -1,0 +1,31 @@
+# Quick start: `make demo` and `make test`. Both build .venv/ on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-comfyui clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements-dev.txt requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/ltx2-av-trainer demo --out demo_out
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+# The ComfyUI tier: needs COMFYUI_PATH pointing at a ComfyUI checkout (see README).
+test-comfyui: $(STAMP)
+	@test -n "$(COMFYUI_PATH)" || { echo "set COMFYUI_PATH to a ComfyUI checkout"; exit 2; }
+	$(BIN)/python -m pip install --quiet -r $(COMFYUI_PATH)/requirements.txt -c requirements-dev.txt
+	$(BIN)/python -m pytest -q -m comfyui
+
+clean:
+	rm -rf $(VENV) demo_out .pytest_cache

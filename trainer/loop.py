@@ -1,0 +1,389 @@
+"""The training loop, readable top to bottom.
+
+``training_step`` is a function of (batch, state): it draws σ_v and σ_a, noises both modalities,
+asks the denoiser for both velocities and returns the per-modality losses. ``Trainer`` wraps it
+with accumulation, clipping, the audio loss balancer, checkpoints and metrics; every side effect
+(console, progress, ComfyUI events, Cancel) goes through ``TrainCallbacks``.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .adapters import LoRANetwork, build_lora
+from .backends.interface import DenoiserInput, audio_token_count, video_token_count
+from .config import Config
+from .data import Batch, BucketBatchSampler, LatentSample, collate
+from .export import save_lora
+from .io_utils import append_jsonl, atomic_write_json, read_jsonl, atomic_write_text, remove_stale_temporaries
+from .losses import AudioLossBalancer, audio_padding_mask, elementwise_loss, masked_per_sample_loss
+from .optim import build_optimizer, build_scheduler
+from .state import find_latest_state, load_state, save_state
+from .timesteps import add_noise, sample_modality_sigmas, velocity_target
+
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. too many consecutive non-finite losses); the message says why."""
+
+
+@dataclass
+class StepLosses:
+    loss_video: torch.Tensor  # scalar, weighted per sample by the dataset weights
+    loss_audio: torch.Tensor | None
+    sigma_video: torch.Tensor  # [B]
+    sigma_audio: torch.Tensor | None
+
+
+def training_step(batch: Batch, denoiser, config: Config, generator: torch.Generator, device: torch.device, autocast_dtype) -> StepLosses:
+    """Flow matching on both modalities with their own σ: x_σ = (1-σ)x0 + σε, target ε - x0."""
+    video = batch.video.to(device, torch.float32)
+    audio = None if batch.audio is None else batch.audio.to(device, torch.float32)
+    sigma_video, sigma_audio = sample_modality_sigmas(
+        config.timesteps, config.model.version, batch.size, video_token_count(video),
+        None if audio is None else audio_token_count(audio), generator,
+    )
+    noise_video = torch.randn(video.shape, generator=generator).to(device)
+    noisy_video = add_noise(video, noise_video, sigma_video.to(device))
+    noisy_audio = noise_audio = None
+    if audio is not None:
+        noise_audio = torch.randn(audio.shape, generator=generator).to(device)
+        noisy_audio = add_noise(audio, noise_audio, sigma_audio.to(device))
+
+    inputs = DenoiserInput(
+        video=noisy_video.to(autocast_dtype or torch.float32),
+        audio=None if noisy_audio is None else noisy_audio.to(autocast_dtype or torch.float32),
+        sigma_video=sigma_video.to(device),
+        sigma_audio=None if sigma_audio is None else sigma_audio.to(device),
+        text=batch.text.to(device, autocast_dtype or torch.float32),
+        fps=batch.fps,
+    )
+    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        pred_video, pred_audio = denoiser(inputs)
+
+    loss_cfg = config.loss
+    per_sample_video = masked_per_sample_loss(
+        elementwise_loss(pred_video, velocity_target(video, noise_video), loss_cfg.type, loss_cfg.huber_delta), None
+    )
+    loss_video = (per_sample_video * batch.video_loss_weight.to(device)).mean()
+    loss_audio = None
+    if audio is not None:
+        mask = audio_padding_mask(audio, batch.audio_valid_frames)
+        per_sample_audio = masked_per_sample_loss(
+            elementwise_loss(pred_audio, velocity_target(audio, noise_audio), loss_cfg.type, loss_cfg.huber_delta), mask
+        )
+        loss_audio = (per_sample_audio * batch.audio_loss_weight.to(device)).mean()
+    return StepLosses(loss_video, loss_audio, sigma_video, sigma_audio)
+
+
+class TrainCallbacks:
+    """Side effects of the loop. Subclass and override what you need; all default to nothing."""
+
+    def on_start(self, trainer: "Trainer") -> None: ...
+
+    def on_step(self, trainer: "Trainer", metrics: dict) -> None: ...
+
+    def on_log(self, trainer: "Trainer", line: str) -> None: ...
+
+    def on_checkpoint(self, trainer: "Trainer", lora_path: Path, state_path: Path) -> None: ...
+
+    def on_warning(self, trainer: "Trainer", message: str) -> None: ...
+
+    def on_end(self, trainer: "Trainer", result: "TrainResult") -> None: ...
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    lora_path: Path | None
+    state_path: Path | None
+    final_loss_video: float | None
+    final_loss_audio: float | None
+    warnings: list[str] = field(default_factory=list)
+    resumed_from: int | None = None
+    completed: bool = True
+
+
+class Trainer:
+    def __init__(self, config: Config, denoiser, samples: list[LatentSample], run_dir: str | Path, callbacks: TrainCallbacks | None = None):
+        self.config = config
+        self.denoiser = denoiser
+        self.samples = samples
+        self.run_dir = Path(run_dir)
+        self.callbacks = callbacks or TrainCallbacks()
+        self.device = _resolve_device(config.train.device)
+        precision = config.train.mixed_precision
+        if precision == "fp16" and self.device.type == "cpu":
+            raise TrainingError("train.mixed_precision = \"fp16\" needs a CUDA device; use \"bf16\" or \"fp32\" on CPU")
+        self.autocast_dtype = None if precision == "fp32" else PRECISION_DTYPES[precision]
+        self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+        if config.train.num_threads:
+            torch.set_num_threads(config.train.num_threads)
+
+        self.with_audio = config.dataset.with_audio and any(s.audio is not None for s in samples)
+        if config.dataset.with_audio and not self.with_audio:
+            self._warn("dataset.with_audio is on but no sample has cached audio: this is a video-only run "
+                       "(audio and cross-modal modules are left untouched). Check the cache report.")
+        denoiser.module.to(self.device)
+        self.network: LoRANetwork = build_lora(denoiser, config.network, with_audio=self.with_audio)
+        self.network.to(self.device)
+        self.optimizer = build_optimizer(self.network.parameters(), config.optimizer)
+        self.scheduler = build_scheduler(self.optimizer, config.train.steps, config.schedule)
+        self.balancer = AudioLossBalancer(config.loss)
+        self.sampler = BucketBatchSampler(samples, config.train.batch_size, config.train.seed)
+        self.generator = torch.Generator().manual_seed(config.train.seed)
+        torch.manual_seed(config.train.seed)  # dropout and anything else on the global RNG
+        self.step = 0
+        self.consecutive_nonfinite = 0
+        self.warnings: list[str] = []
+        self.resumed_from: int | None = None
+        self.last_lora: Path | None = None
+        self.last_state: Path | None = None
+        self._last_losses: tuple[float | None, float | None] = (None, None)
+
+    # ---- resume ---------------------------------------------------------------------------------
+
+    def try_resume(self, state_folder: str | Path | None = None) -> int | None:
+        """Load the given state folder, or the latest one in the run directory. Returns the step."""
+        remove_stale_temporaries(self.run_dir / "lora")
+        folder = Path(state_folder) if state_folder else find_latest_state(self.run_dir)
+        if folder is None:
+            return None
+        saved = load_state(folder)
+        expected = self._resume_fingerprint()
+        if saved.extra.get("resume_fingerprint") != expected:
+            raise TrainingError(
+                f"{folder}: this state was saved by a run with a different model, network or dataset; "
+                "use a new output.dir, or pass --no-resume to start over in this one"
+            )
+        missing = set(self.network.state_dict()) ^ set(saved.adapter)
+        if missing:
+            raise TrainingError(f"{folder}: adapter tensors do not match this network ({sorted(missing)[:3]} ...)")
+        self.network.load_state_dict(saved.adapter)
+        self.optimizer.load_state_dict(saved.optimizer)
+        self.scheduler.load_state_dict(saved.extra["scheduler"])
+        self.balancer.load_state_dict(saved.extra["balancer"])
+        self.sampler.load_state_dict(saved.extra["sampler"])
+        self.generator.set_state(saved.rng["generator"])
+        torch.set_rng_state(saved.rng["torch_cpu"])
+        if "torch_cuda" in saved.rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(saved.rng["torch_cuda"])
+        self.consecutive_nonfinite = int(saved.extra["consecutive_nonfinite"])
+        self.step = saved.step
+        self.resumed_from = saved.step
+        self.last_state = folder
+        self._truncate_metrics(saved.step)
+        return saved.step
+
+    def _resume_fingerprint(self) -> dict:
+        c = self.config
+        return {
+            "base": self.denoiser.fingerprint(),
+            "network": c.network.__dict__,
+            "samples": sorted(s.id for s in self.samples),
+            "batch_size": c.train.batch_size,
+            "seed": c.train.seed,
+        }
+
+    def _truncate_metrics(self, step: int) -> None:
+        path = self.run_dir / "metrics.jsonl"
+        rows = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
+        if path.exists():
+            atomic_write_text(path, "".join(_json_line(r) for r in rows))
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> tuple[Path, Path]:
+        cfg = self.config
+        lora_path = self.run_dir / "lora" / f"{cfg.output.name}_{self.step:06d}.safetensors"
+        save_lora(self.network, lora_path, config_json=cfg.to_json(), base_fingerprint=self.denoiser.fingerprint(),
+                  step=self.step, version=cfg.model.version, dtype=cfg.output.save_dtype)
+        rng = {"generator": self.generator.get_state(), "torch_cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["torch_cuda"] = torch.cuda.get_rng_state()
+        extra = {
+            "scheduler": self.scheduler.state_dict(),
+            "balancer": self.balancer.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "consecutive_nonfinite": self.consecutive_nonfinite,
+            "resume_fingerprint": self._resume_fingerprint(),
+        }
+        state_path = save_state(self.run_dir, self.step, self.network.state_dict(), self.optimizer, rng, extra, keep=cfg.output.keep_states)
+        self.last_lora, self.last_state = lora_path, state_path
+        self.callbacks.on_checkpoint(self, lora_path, state_path)
+        return lora_path, state_path
+
+    # ---- the loop -------------------------------------------------------------------------------
+
+    def run(self, until_step: int | None = None) -> TrainResult:
+        """Train up to ``until_step`` (default: train.steps). Saves a checkpoint every
+        ``output.save_every`` steps, at the end, and when interrupted (Ctrl-C, ComfyUI Cancel)."""
+        cfg = self.config
+        target = min(until_step or cfg.train.steps, cfg.train.steps)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.run_dir / "config.json", cfg.to_json() + "\n")
+        self.callbacks.on_start(self)
+        self.network.train()
+        saved_at = self.step
+        try:
+            while self.step < target:
+                metrics = self._optimizer_step()
+                if metrics is None:
+                    continue  # skipped (non-finite); the counter guards against endless skipping
+                append_jsonl(self.run_dir / "metrics.jsonl", metrics)
+                self.callbacks.on_step(self, metrics)
+                if self.step % cfg.logging.log_every == 0 or self.step == target:
+                    self.callbacks.on_log(self, format_log_line(metrics, cfg.train.steps))
+                if self.step % cfg.output.save_every == 0 or self.step == target:
+                    self.save_checkpoint()
+                    saved_at = self.step
+        except TrainingError:
+            raise  # the last good checkpoint stays as it is
+        except BaseException:
+            # Ctrl-C or ComfyUI's Cancel: keep what was learned so the next run resumes from here.
+            if self.step > saved_at:
+                self.save_checkpoint()
+            raise
+        result = TrainResult(
+            run_dir=self.run_dir, step=self.step, lora_path=self.last_lora, state_path=self.last_state,
+            final_loss_video=self._last_losses[0], final_loss_audio=self._last_losses[1],
+            warnings=list(self.warnings), resumed_from=self.resumed_from, completed=self.step >= cfg.train.steps,
+        )
+        self.callbacks.on_end(self, result)
+        return result
+
+    def _optimizer_step(self) -> dict | None:
+        cfg = self.config
+        started = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        accum = cfg.train.gradient_accumulation
+        sums = {"video": 0.0, "audio": 0.0, "weighted_audio": 0.0, "sv": 0.0, "sa": 0.0, "audio_n": 0, "n": 0}
+        ids: list[str] = []
+        data_time = 0.0
+        for _ in range(accum):
+            t0 = time.perf_counter()
+            batch = collate([self.samples[i] for i in self.sampler.next_batch()])
+            data_time += time.perf_counter() - t0
+            ids.extend(batch.ids)
+            losses = training_step(batch, self.denoiser, cfg, self.generator, self.device, self.autocast_dtype)
+            video_value = losses.loss_video.detach().item()
+            audio_value = None if losses.loss_audio is None else losses.loss_audio.detach().item()
+            if not math.isfinite(video_value) or (audio_value is not None and not math.isfinite(audio_value)):
+                return self._skip_nonfinite(ids, video_value, audio_value)
+            weight = self.balancer.update(video_value, audio_value)
+            total = cfg.loss.video_weight * losses.loss_video
+            if losses.loss_audio is not None:
+                total = total + weight * losses.loss_audio
+                sums["audio"] += audio_value
+                sums["weighted_audio"] += weight * audio_value
+                sums["sa"] += losses.sigma_audio.mean().item()
+                sums["audio_n"] += 1
+            sums["video"] += video_value
+            sums["sv"] += losses.sigma_video.mean().item()
+            sums["n"] += 1
+            scaled = total / accum
+            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+
+        params = [p for p in self.network.parameters() if p.grad is not None]
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf"))
+        if not torch.isfinite(grad_norm):
+            return self._skip_nonfinite(ids, float("nan"), None, what="gradient norm")
+        lr = self.optimizer.param_groups[0]["lr"]
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        self.consecutive_nonfinite = 0
+
+        n, an = sums["n"], sums["audio_n"]
+        loss_video = sums["video"] / n
+        loss_audio = sums["audio"] / an if an else None
+        weighted_audio = sums["weighted_audio"] / an if an else None
+        self._last_losses = (loss_video, loss_audio)
+        step_time = time.perf_counter() - started
+        return {
+            "step": self.step,
+            "loss": cfg.loss.video_weight * loss_video + (weighted_audio or 0.0),
+            "loss_video": loss_video,
+            "loss_audio": loss_audio,
+            "loss_audio_weighted": weighted_audio,
+            "audio_weight": self.balancer.weight if an else None,
+            "sigma_video": sums["sv"] / n,
+            "sigma_audio": sums["sa"] / an if an else None,
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "audio_supervised": an > 0,
+            "regularizer": None,
+            "step_time_s": step_time,
+            "data_time_s": data_time,
+            "peak_mem_bytes": _peak_memory_bytes(self.device),
+            "items": ids,
+        }
+
+    def _skip_nonfinite(self, ids: list[str], video_value: float, audio_value: float | None, what: str = "loss") -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.consecutive_nonfinite += 1
+        limit = self.config.train.max_consecutive_nonfinite
+        message = (f"step {self.step + 1}: non-finite {what} (video={video_value}, audio={audio_value}) on batch "
+                   f"{', '.join(ids)}; step skipped ({self.consecutive_nonfinite}/{limit} in a row)")
+        self._warn(message)
+        if self.consecutive_nonfinite >= limit:
+            last = f" The last good checkpoint is {self.last_state}." if self.last_state else ""
+            raise TrainingError(
+                f"{limit} consecutive non-finite steps: training stopped.{last} Lower optimizer.lr, use "
+                "train.mixed_precision = \"bf16\" instead of fp16, or check the cached latents of the batches named above."
+            )
+        return None
+
+    def _warn(self, message: str) -> None:
+        self.warnings.append(message)
+        self.callbacks.on_warning(self, message)
+
+
+def format_log_line(metrics: dict, total_steps: int) -> str:
+    audio = metrics["loss_audio"]
+    if audio is None:
+        audio_part = "[audio] no audio in this step"
+    else:
+        audio_part = (f"[audio] raw={audio:.5f}, weighted={metrics['loss_audio_weighted']:.5f}, "
+                      f"video={metrics['loss_video']:.5f}, weight={metrics['audio_weight']:.3f}")
+    return (f"step {metrics['step']}/{total_steps} {audio_part} | σ_v={metrics['sigma_video']:.3f}"
+            + (f" σ_a={metrics['sigma_audio']:.3f}" if metrics['sigma_audio'] is not None else "")
+            + f" lr={metrics['lr']:.2e} ({metrics['step_time_s']:.2f} s/step)")
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    # CPU: the process' peak resident set (ru_maxrss is in KiB on Linux, bytes on macOS).
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def _json_line(row: dict) -> str:
+    import json
+
+    return json.dumps(row, default=str) + "\n"
