@@ -215,7 +215,8 @@ def model_fingerprint(module: nn.Module, sample_bytes: int = 4096) -> str:
     h = hashlib.sha256()
     cfg = getattr(module, "config", None)
     if cfg is not None:
-        h.update(json.dumps(dict(cfg), sort_keys=True, default=str).encode())
+        public = {k: v for k, v in dict(cfg).items() if not k.startswith("_")}  # private keys vary run to run
+        h.update(json.dumps(public, sort_keys=True, default=str).encode())
     for name, tensor in sorted(module.state_dict().items()):
         h.update(name.encode())
         h.update(str(tuple(tensor.shape)).encode())
