@@ -20,7 +20,6 @@ import hashlib
 import json
 import zlib
 from dataclasses import asdict, dataclass, replace
-from fractions import Fraction
 from pathlib import Path
 from typing import NamedTuple
 
@@ -28,7 +27,8 @@ import av
 import numpy as np
 from scipy import ndimage, signal
 
-from .io_utils import atomic_path, atomic_write_json, atomic_write_text
+from .io_utils import atomic_write_json, atomic_write_text
+from .media.encode import CONTAINER_FORMATS, video_codec_name, write_av_file
 
 # Vowel targets as ratios to a speaker's neutral (schwa-like) formants. Derived from Peterson & Barney's
 # average adult formants (F1, F2, F3) divided by the neutral tract's 500/1500/2500 Hz; F4 barely moves.
@@ -43,7 +43,6 @@ VOWEL_FORMANT_RATIOS: dict[str, tuple[float, float, float, float]] = {
 TARGET_RMS_DBFS = -20.0  # about -20 LUFS for speech without long pauses
 PEAK_CEILING_DBFS = -1.0
 ROOM_TONE_DBFS = -62.0  # a quiet room, not digital silence (which the doctor would flag)
-CONTAINER_FORMATS = {"mp4": "mp4", "mov": "mov", "mkv": "matroska"}
 DEMO_MANIFEST = "synth_manifest.json"
 
 
@@ -558,11 +557,6 @@ def mouth_box(look: SpeakerLook, width: int, height: int) -> tuple[slice, slice]
 # --------------------------------------------------------------------------------------------
 
 
-def video_codec_name() -> str:
-    """h264 through libx264 when this PyAV build has it, else MPEG-4 part 2 (always bundled)."""
-    return "libx264" if "libx264" in av.codecs_available else "mpeg4"
-
-
 def write_talking_clip(
     path: str | Path,
     speaker: Speaker,
@@ -598,38 +592,8 @@ def write_talking_clip(
         pictures = render_face_frames(speaker.look, mouth_opening, width, height, fps, seed=seed)
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from error
-    # Audio sample index where each video frame starts: audio and video chunks are muxed frame by frame.
-    audio_bounds = np.round(np.arange(frames + 1) * sample_rate / fps).astype(np.int64)
-
-    codec = video_codec_name()
-    options = {"preset": "veryfast", "crf": "18"} if codec == "libx264" else {}
-    with atomic_path(path) as tmp:
-        with av.open(str(tmp), mode="w", format=CONTAINER_FORMATS[container]) as out:
-            video = out.add_stream(codec, rate=fps, options=options)
-            video.width, video.height, video.pix_fmt = width, height, "yuv420p"
-            if codec == "mpeg4":
-                video.bit_rate = 2_000_000
-            video.codec_context.time_base = Fraction(1, fps)
-            audio = out.add_stream("aac", rate=sample_rate, layout="stereo", options={"aac_coder": "fast"})
-            audio.bit_rate = 128_000
-            audio.codec_context.time_base = Fraction(1, sample_rate)
-            for i in range(frames):
-                frame = av.VideoFrame.from_ndarray(pictures[i], format="rgb24")  # the encoder converts to yuv420p
-                frame.pts = i
-                frame.time_base = Fraction(1, fps)
-                out.mux(video.encode(frame))
-                chunk = av.AudioFrame.from_ndarray(
-                    np.ascontiguousarray(voice.audio[:, audio_bounds[i] : audio_bounds[i + 1]]),
-                    format="fltp",
-                    layout="stereo",
-                )
-                chunk.sample_rate = sample_rate
-                chunk.pts = int(audio_bounds[i])
-                chunk.time_base = Fraction(1, sample_rate)
-                out.mux(audio.encode(chunk))
-            out.mux(video.encode(None))
-            out.mux(audio.encode(None))
-    return path
+    # Audio and video are muxed frame by frame: each frame carries exactly its 1/fps of audio.
+    return write_av_file(path, pictures, fps, voice.audio, sample_rate, container)
 
 
 # --------------------------------------------------------------------------------------------
