@@ -26,161 +26,182 @@ class ConfigError(ValueError):
 # --------------------------------------------------------------------------------------------
 
 
+def opt(default: Any, help: str) -> Any:
+    """A config field with its help text (README reference, node tooltips, CLI)."""
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        factory = (lambda d=default: json.loads(json.dumps(d))) if isinstance(default, (list, dict)) else type(default)
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class DatasetSource:
     """One folder (or JSONL list) of media with captions."""
 
-    path: str = ""
-    kind: Literal["video", "image", "jsonl"] = "video"
-    caption_extension: str = ".txt"
-    audio_dir: str = ""  # optional folder of separate audio files matched by stem
-    audio_stream: int = 0  # index among the container's audio streams
-    repeats: int = 1
-    video_loss_weight: float = 1.0
-    audio_loss_weight: float = 1.0
-    fps_override: float = 0.0  # 0 = auto-detect the source frame rate
-    is_validation: bool = False
+    path: str = opt("", "Folder of clips (or images), or a .jsonl file of {media, caption, audio?} lines.")
+    kind: Literal["video", "image", "jsonl"] = opt("video", "What the path holds: video clips, images (1-frame, video-only items) or a JSONL list.")
+    caption_extension: str = opt(".txt", "Extension of the sidecar caption file next to each clip.")
+    audio_dir: str = opt("", "Optional folder of separate audio files (wav/flac/...) matched to clips by file stem; they replace the clip's own sound.")
+    audio_stream: int = opt(0, "Which audio stream of the container to use (0 = the first).")
+    repeats: int = opt(1, "How many times each item of this source appears per epoch.")
+    video_loss_weight: float = opt(1.0, "Multiplier of the video loss for items of this source.")
+    audio_loss_weight: float = opt(1.0, "Multiplier of the audio loss for items of this source.")
+    fps_override: float = opt(0.0, "Source frame rate to assume instead of the detected one (0 = detect).")
+    is_validation: bool = opt(False, "Use this source for validation only (never trained on).")
 
 
 @dataclass
 class DatasetConfig:
-    sources: list[DatasetSource] = field(default_factory=list)
-    trigger: str = "ohwx"
-    caption_template: str = "{trigger}, {caption}"
-    target_fps: float = 25.0
-    frames: int = 25  # 8n+1 frames per clip
-    width: int = 256  # multiple of 32
-    height: int = 256  # multiple of 32
-    frame_buckets: list[int] = field(default_factory=list)  # extra 8n+1 frame counts; empty = [frames]
-    resolution_buckets: list[list[int]] = field(default_factory=list)  # [[w, h], ...]; empty = [[width, height]]
-    crop: Literal["center", "random"] = "center"
-    allow_upscale: bool = True
-    validation_split: float = 0.0
-    with_audio: bool = True
+    sources: list[DatasetSource] = opt([], "The media sources ([[dataset.sources]] tables).")
+    trigger: str = opt("ohwx", "Trigger word prepended to every caption (use a rare, non-empty token).")
+    caption_template: str = opt("{trigger}, {caption}", "How the trigger is added to a caption; must contain {caption}.")
+    target_fps: float = opt(25.0, "Frame rate the clips are resampled to (LTX-2 is trained at 25 fps; audio latents are 25 per second).")
+    frames: int = opt(25, "Frames per training clip, 8n+1 (25 = 1 s at 25 fps; 49, 97 for longer clips).")
+    width: int = opt(256, "Training width in pixels, a multiple of 32.")
+    height: int = opt(256, "Training height in pixels, a multiple of 32.")
+    frame_buckets: list[int] = opt([], "Extra allowed frame counts (8n+1); a clip uses the largest that fits. Empty = only `frames`.")
+    resolution_buckets: list[list[int]] = opt([], "Extra [width, height] buckets (multiples of 32); a clip uses the closest aspect. Empty = only width x height.")
+    crop: Literal["center", "random"] = opt("center", "How a resized clip is cropped to its bucket.")
+    allow_upscale: bool = opt(True, "Allow clips smaller than the bucket to be upscaled (false: such clips are reported and skipped).")
+    retime: Literal["resample", "stretch"] = opt("resample", "resample: pick frames by timestamp at target_fps, audio cut to the same span. stretch: keep every frame and play it at target_fps, audio time-stretched with pitch preserved.")
+    validation_split: float = opt(0.0, "Fraction of items held out for validation (deterministic by file path).")
+    with_audio: bool = opt(True, "Train audio too (audio+video LoRA). False = video-only run: audio and cross-modal modules are never adapted.")
 
 
 @dataclass
 class CacheConfig:
-    dir: str = ""  # empty = <output.dir>/cache
-    audio_dtype: Literal["float32"] = "float32"  # audio is always encoded in fp32 (posterior mean)
-    video_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    decode_previews: bool = False
+    dir: str = opt("", "Cache folder; empty = <output.dir>/cache.")
+    audio_dtype: Literal["float32"] = opt("float32", "Audio latents are always encoded and stored in fp32 (posterior mean).")
+    video_dtype: Literal["float32", "bfloat16", "float16"] = opt("float32", "Storage type of cached video latents.")
 
 
 @dataclass
 class TinyModelConfig:
     """Dimensions of the embedded random-weight model (demo, tests, CPU bench)."""
 
-    num_layers: int = 2
-    num_attention_heads: int = 2
-    attention_head_dim: int = 16
-    audio_num_attention_heads: int = 2
-    audio_attention_head_dim: int = 8
-    caption_channels: int = 32
-    seed: int = 0
+    num_layers: int = opt(2, "Transformer blocks of the embedded tiny model.")
+    num_attention_heads: int = opt(2, "Video attention heads of the tiny model.")
+    attention_head_dim: int = opt(16, "Video head width of the tiny model.")
+    audio_num_attention_heads: int = opt(2, "Audio attention heads of the tiny model.")
+    audio_attention_head_dim: int = opt(8, "Audio head width of the tiny model.")
+    caption_channels: int = opt(32, "Text feature width of the tiny model (3840 on the real model).")
+    seed: int = opt(0, "Seed of the tiny model's random weights.")
 
 
 @dataclass
 class ModelConfig:
-    version: Literal["2.0", "2.3"] = "2.0"
-    source: str = "tiny"  # "tiny" or a local diffusers-format folder / transformer folder
-    # Which σ drives the cross-modal (a2v / v2a) scale/shift and gates. "reference": the current
-    # ltx-core / ComfyUI wiring (scale/shift from each modality's own timestep, a2v gate from σ_a,
-    # v2a gate from σ_v). "own": both from the modality's own timestep (Jan 2026, diffusers
-    # use_cross_timestep=False). "cross": both from the other modality's σ (Mar 2026).
-    cross_modal_sigma: Literal["reference", "own", "cross"] = "reference"
-    gradient_checkpointing: bool = False
-    attention: Literal["sdpa", "native"] = "sdpa"
-    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    version: Literal["2.0", "2.3"] = opt("2.0", "LTX-2 (19B) or LTX-2.3 (22B). Must match the weights; LoRAs do not transfer between them.")
+    source: str = opt("tiny", "\"tiny\" (embedded random-weight test model) or a local diffusers-format LTX-2 folder.")
+    cross_modal_sigma: Literal["reference", "own", "cross"] = opt(
+        "reference",
+        "Which σ drives the audio↔video cross-attention modulation. reference (current ltx-core / ComfyUI): scale/shift "
+        "from each modality's own timestep, a2v gate from σ_audio, v2a gate from σ_video. own: all from the modality's own "
+        "timestep (Jan 2026). cross: all from the other modality's σ (Mar 2026).",
+    )
+    gradient_checkpointing: bool = opt(False, "Recompute block activations in the backward pass (less memory, ~30 % slower).")
+    tiny: TinyModelConfig = opt(TinyModelConfig(), "Dimensions of the embedded tiny model ([model.tiny]).")
 
 
 @dataclass
 class NetworkConfig:
-    type: Literal["lora"] = "lora"
-    rank: int = 32
-    alpha: float = 32.0
-    preset: Literal["av", "audio", "voice", "video", "v2v", "full"] = "av"
-    include: list[str] = field(default_factory=list)  # extra regexes on module paths
-    exclude: list[str] = field(default_factory=list)  # regexes removed after include
-    dropout: float = 0.0
-    init_seed: int = 0
+    type: Literal["lora"] = opt("lora", "Adapter type.")
+    rank: int = opt(32, "LoRA rank (32 is enough for a face and a voice; 64-128 for hard voices).")
+    alpha: float = opt(32.0, "LoRA alpha; the update is scaled by alpha/rank.")
+    preset: Literal["av", "audio", "voice", "video", "v2v", "full"] = opt(
+        "av",
+        "Target modules. av: q/k/v/out of all six attentions (official AV recipe). audio: audio attentions + audio FF. "
+        "voice: audio attentions + audio FF + both cross-modal attentions. video: video attentions + FF. v2v: all "
+        "attentions + both FFs. full: every Linear in the blocks. to_gate_logits is never adapted.",
+    )
+    include: list[str] = opt([], "Extra regular expressions on module paths to adapt (e.g. 'audio_ff\\.net\\.2$').")
+    exclude: list[str] = opt([], "Regular expressions on module paths never to adapt (applied after include).")
+    dropout: float = opt(0.0, "Dropout on the LoRA input (0.0-0.1 helps small datasets).")
+    init_seed: int = opt(0, "Seed of the LoRA down-projection initialisation.")
 
 
 @dataclass
 class OptimizerConfig:
-    name: Literal["adamw"] = "adamw"
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
+    name: Literal["adamw"] = opt("adamw", "Optimizer.")
+    lr: float = opt(1e-4, "Learning rate (1e-4 for LoRA rank 32).")
+    weight_decay: float = opt(0.0, "AdamW weight decay.")
+    betas: list[float] = opt([0.9, 0.999], "AdamW betas.")
+    eps: float = opt(1e-8, "AdamW epsilon.")
 
 
 @dataclass
 class ScheduleConfig:
-    name: Literal["constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear"] = (
-        "constant_with_warmup"
+    name: Literal["constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear"] = opt(
+        "constant_with_warmup", "Learning-rate schedule."
     )
-    warmup_steps: int = 0
-    num_cycles: int = 1  # restarts for cosine_with_restarts
-    min_lr_ratio: float = 0.0
+    warmup_steps: int = opt(0, "Linear warm-up steps.")
+    num_cycles: int = opt(1, "Cycles (hard restarts) of cosine_with_restarts.")
+    min_lr_ratio: float = opt(0.0, "Floor of the decaying schedules, as a fraction of lr.")
 
 
 @dataclass
 class TimestepConfig:
-    sampling: Literal["shifted_logit_normal", "logit_normal", "uniform"] = "shifted_logit_normal"
-    shifted_mode: Literal["auto", "legacy", "stretched"] = "auto"  # auto: legacy for 2.0, stretched for 2.3
-    shift: float | None = None  # μ of the logit-normal; unset = from the modality's token count
-    logit_std: float = 1.0
-    stretched_uniform_fraction: float = 0.1
-    min_sigma: float = 0.0
-    max_sigma: float = 1.0
-    independent_audio: bool = True  # draw σ_a independently of σ_v (shared σ when false)
+    sampling: Literal["shifted_logit_normal", "logit_normal", "uniform"] = opt(
+        "shifted_logit_normal", "σ distribution. shifted_logit_normal: μ from each modality's token count (the LTX-2 default)."
+    )
+    shifted_mode: Literal["auto", "legacy", "stretched"] = opt(
+        "auto", "legacy: sigmoid(N(μ, std)). stretched: spread over [ε, 1] with 10 % uniform draws. auto: legacy for 2.0, stretched for 2.3."
+    )
+    shift: float | None = opt(None, "Fixed μ of the logit-normal for both modalities (unset = from each modality's token count; 0 = centred on σ 0.5).")
+    logit_std: float = opt(1.0, "Standard deviation of the logit-normal.")
+    stretched_uniform_fraction: float = opt(0.1, "Fraction of uniform draws in stretched mode.")
+    min_sigma: float = opt(0.0, "Lower bound of σ (draws are rescaled into [min_sigma, max_sigma]).")
+    max_sigma: float = opt(1.0, "Upper bound of σ.")
+    independent_audio: bool = opt(True, "Draw the audio σ independently of the video σ (recommended). False = one shared σ.")
 
 
 @dataclass
 class LossConfig:
-    type: Literal["mse", "l1", "huber"] = "mse"
-    huber_delta: float = 1.0
-    video_weight: float = 1.0
-    audio_weight: float = 1.0
-    balance: Literal["none", "ema_mag", "inv_freq"] = "ema_mag"
-    target_ratio: float = 0.33  # ema_mag: audio loss aims at this fraction of video loss
-    ema_decay: float = 0.99
-    balance_min: float = 0.05
-    balance_max: float = 4.0
-    inv_freq_beta: float = 0.01
-    inv_freq_eps: float = 0.05
-    min_snr_gamma: float = 0.0  # rejected when > 0: Min-SNR does not exist for flow matching
+    type: Literal["mse", "l1", "huber"] = opt("mse", "Element-wise loss for both modalities (computed in fp32).")
+    huber_delta: float = opt(1.0, "Transition point of the huber loss.")
+    video_weight: float = opt(1.0, "Weight of the video loss.")
+    audio_weight: float = opt(1.0, "Base weight of the audio loss (w0 of the balancer; the fixed weight when balance = none).")
+    balance: Literal["none", "ema_mag", "inv_freq"] = opt(
+        "ema_mag",
+        "Audio loss balancing. none: fixed audio_weight. ema_mag: keep audio loss at target_ratio of video loss (dampens "
+        "and boosts). inv_freq: boost audio when audio batches are rare.",
+    )
+    target_ratio: float = opt(0.33, "ema_mag: the audio loss aims at this fraction of the video loss.")
+    ema_decay: float = opt(0.99, "ema_mag: EMA decay of the loss magnitudes.")
+    balance_min: float = opt(0.05, "Lowest effective audio weight.")
+    balance_max: float = opt(4.0, "Highest effective audio weight.")
+    inv_freq_beta: float = opt(0.01, "inv_freq: EMA rate of the observed audio-batch frequency.")
+    inv_freq_eps: float = opt(0.05, "inv_freq: floor of the frequency in the denominator.")
+    min_snr_gamma: float = opt(0.0, "Must stay 0: Min-SNR weighting does not exist for flow matching.")
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 2000
-    batch_size: int = 1
-    gradient_accumulation: int = 1
-    max_grad_norm: float = 1.0  # 0 disables clipping
-    mixed_precision: Literal["fp32", "bf16", "fp16"] = "bf16"
-    seed: int = 42
-    device: str = "auto"  # auto = cuda when available, else cpu
-    max_consecutive_nonfinite: int = 5
-    num_threads: int = 0  # 0 = torch default
+    steps: int = opt(2000, "Optimizer steps (a voice typically needs 750-2000 at lr 1e-4).")
+    batch_size: int = opt(1, "Clips per micro-batch (same-shape clips only).")
+    gradient_accumulation: int = opt(1, "Micro-batches per optimizer step.")
+    max_grad_norm: float = opt(1.0, "Gradient clipping norm (0 disables).")
+    mixed_precision: Literal["fp32", "bf16", "fp16"] = opt("bf16", "Compute precision (autocast); LoRA weights stay fp32. fp16 needs CUDA.")
+    seed: int = opt(42, "Seed of data order, σ and noise (runs are reproducible, resumes bit-for-bit).")
+    device: str = opt("auto", "auto (CUDA when available), cpu, cuda, cuda:1, ...")
+    max_consecutive_nonfinite: int = opt(5, "Stop after this many non-finite steps in a row (each is skipped with a warning).")
+    num_threads: int = opt(0, "CPU threads for torch (0 = torch's default).")
 
 
 @dataclass
 class LoggingConfig:
-    log_every: int = 10  # console line with raw/weighted audio loss, video loss and weight
-    tensorboard: bool = False
-    quiet: bool = False
+    log_every: int = opt(10, "Print raw audio loss, weighted audio loss, video loss and audio weight every N steps.")
+    tensorboard: bool = opt(False, "Also write the metrics to TensorBoard (<run>/tensorboard; needs the tensorboard package).")
+    quiet: bool = opt(False, "Print only errors.")
 
 
 @dataclass
 class OutputConfig:
-    dir: str = "runs/ltx2_av_lora"
-    name: str = "ltx2_av_lora"
-    save_every: int = 250  # LoRA + resumable state every N steps (and at the end)
-    keep_states: int = 2  # resumable states kept on disk
-    save_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
-    resume: Literal["auto", "never"] = "auto"
+    dir: str = opt("runs/ltx2_av_lora", "Run directory: metrics.jsonl, lora/, state/, report.json.")
+    name: str = opt("ltx2_av_lora", "LoRA file name prefix (lora/<name>_<step>.safetensors).")
+    save_every: int = opt(250, "Save the LoRA and a resumable state every N steps (and at the end).")
+    keep_states: int = opt(2, "How many resumable states to keep on disk.")
+    save_dtype: Literal["float32", "bfloat16", "float16"] = opt("bfloat16", "Precision of the exported LoRA tensors.")
+    resume: Literal["auto", "never"] = opt("auto", "auto: continue from the latest state in the run directory.")
 
 
 @dataclass

@@ -9,8 +9,6 @@ blocks, so this also holds under gradient checkpointing.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from pathlib import Path
 from typing import Iterator
@@ -19,7 +17,8 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, ModelConfig, TinyModelConfig
-from .interface import DenoiserInput, TextContext
+from .fingerprint import module_fingerprint
+from .interface import DenoiserInput
 
 CROSS_MODAL_SIGMA_WIRINGS = ("reference", "own", "cross")
 
@@ -113,6 +112,7 @@ class DiffusersDenoiser:
         self._gate_ratio = cfg.cross_attn_timestep_scale_multiplier / cfg.timestep_scale_multiplier
         self._timestep_scale = float(cfg.timestep_scale_multiplier)
         self._gate_override: dict[str, torch.Tensor | None] = {"a2v": None, "v2a": None}
+        self._fingerprint: str | None = None
         transformer.av_cross_attn_video_a2v_gate.register_forward_pre_hook(_GatePreHook(self, "a2v"))
         transformer.av_cross_attn_audio_v2a_gate.register_forward_pre_hook(_GatePreHook(self, "v2a"))
 
@@ -130,7 +130,10 @@ class DiffusersDenoiser:
                 yield name, module
 
     def fingerprint(self) -> str:
-        return model_fingerprint(self.transformer)
+        # The base weights are frozen: hash them once (every bit, where they live).
+        if self._fingerprint is None:
+            self._fingerprint = module_fingerprint(self.transformer)
+        return self._fingerprint
 
     def enable_gradient_checkpointing(self) -> None:
         self.transformer.enable_gradient_checkpointing()
@@ -208,25 +211,6 @@ def _per_sample(t: torch.Tensor) -> torch.Tensor:
     """[B] stays; per-token [B, N] → the sample's σ of its noisy part (max over tokens; conditioning
     tokens carry σ = 0)."""
     return t if t.ndim == 1 else t.amax(dim=1)
-
-
-def model_fingerprint(module: nn.Module, sample_bytes: int = 4096) -> str:
-    """Stable hash of architecture and weights, sampling each tensor (fast on 19B models)."""
-    h = hashlib.sha256()
-    cfg = getattr(module, "config", None)
-    if cfg is not None:
-        public = {k: v for k, v in dict(cfg).items() if not k.startswith("_")}  # private keys vary run to run
-        h.update(json.dumps(public, sort_keys=True, default=str).encode())
-    for name, tensor in sorted(module.state_dict().items()):
-        h.update(name.encode())
-        h.update(str(tuple(tensor.shape)).encode())
-        flat = tensor.detach().reshape(-1)
-        n = max(1, sample_bytes // max(1, flat.element_size()))
-        head = flat[:n].to("cpu").contiguous()
-        if head.dtype == torch.bfloat16:
-            head = head.view(torch.int16)
-        h.update(head.numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def build_denoiser(model_cfg: ModelConfig) -> DiffusersDenoiser:
