@@ -193,3 +193,39 @@ def build_lora(denoiser, net: NetworkConfig, *, with_audio: bool) -> LoRANetwork
     network = LoRANetwork([(p, modules[p]) for p in targets], net)
     network.attach()
     return network
+
+
+def load_lora_file(denoiser, path, *, multiplier: float = 1.0) -> LoRANetwork:
+    """Attach a LoRA file (our export or any ``diffusion_model.<path>.lora_down/up`` file) to ``denoiser``
+    for sampling. Rank and alpha are read per module from the file."""
+    from .export import KEY_PREFIX, read_lora, split_lora_key
+
+    tensors, _ = read_lora(path)
+    modules = dict(denoiser.adaptable_modules())
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        parsed = split_lora_key(key)
+        if parsed is None:
+            continue
+        grouped.setdefault(parsed[0], {})[parsed[1]] = tensor
+    unknown = sorted(p for p in grouped if p not in modules)
+    if unknown:
+        raise ConfigError(f"{path}: {len(unknown)} LoRA modules are not in this model (first: {unknown[0]}); "
+                          "was it trained for another model version?")
+    ranks = {p: t[".lora_down.weight"].shape[0] for p, t in grouped.items() if ".lora_down.weight" in t}
+    if not ranks:
+        raise ConfigError(f"{path}: no lora_down/lora_up tensors found")
+    rank = next(iter(ranks.values()))
+    net = NetworkConfig(rank=rank, alpha=float(rank))
+    network = LoRANetwork([(p, modules[p]) for p in ranks], net)
+    with torch.no_grad():
+        for key, layer in network.layers.items():
+            entry = grouped[network.paths[key]]
+            if entry[".lora_down.weight"].shape[0] != layer.rank:
+                raise ConfigError(f"{path}: mixed ranks are not supported for sampling ({network.paths[key]})")
+            layer.down.copy_(entry[".lora_down.weight"].float())
+            layer.up.copy_(entry[".lora_up.weight"].float())
+            layer.alpha = float(entry[".alpha"].item()) if ".alpha" in entry else float(layer.rank)
+    network.set_multiplier(multiplier)
+    network.attach()
+    return network

@@ -40,7 +40,9 @@ def write_av_file(path: str | Path, frames: np.ndarray, fps: int, audio: np.ndar
         audio = np.ascontiguousarray(np.clip(audio, -1.0, 1.0), dtype=np.float32)
         if audio.shape[0] == 1:
             audio = np.repeat(audio, 2, axis=0)
-        bounds = np.round(np.arange(count + 1) * audio.shape[1] / count).astype(np.int64)
+        # Audio sample where each video frame starts; audio beyond the last frame goes with it.
+        bounds = np.minimum(np.round(np.arange(count + 1) * sample_rate / fps), audio.shape[1]).astype(np.int64)
+        bounds[-1] = audio.shape[1]
     audio_codec = "aac" if container in ("mp4", "mov") else "libopus" if "libopus" in av.codecs_available else "aac"
     with atomic_path(path) as tmp:
         with av.open(str(tmp), mode="w", format=CONTAINER_FORMATS[container]) as out:
@@ -62,7 +64,7 @@ def write_av_file(path: str | Path, frames: np.ndarray, fps: int, audio: np.ndar
                 frame.pts = i
                 frame.time_base = Fraction(1, fps)
                 out.mux(video.encode(frame))
-                if stream is not None:
+                if stream is not None and bounds[i + 1] > bounds[i]:
                     chunk = av.AudioFrame.from_ndarray(np.ascontiguousarray(audio[:, bounds[i] : bounds[i + 1]]), format="fltp", layout="stereo")
                     chunk.sample_rate = sample_rate
                     chunk.pts = int(bounds[i])

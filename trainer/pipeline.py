@@ -1,0 +1,206 @@
+"""The steps users run — doctor, cache, train, verify, sample — as functions shared by the CLI, the
+demo and the ComfyUI nodes. The backend objects (denoiser, encoders) are passed in, so the nodes run
+the very same steps on ComfyUI's MODEL/VAE/CLIP and the CLI on the diffusers backend."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .cache import PreparedItem, build_cache, load_training_samples, manifest_entries
+from .config import Config, ConfigError
+from .console import ConsoleTraining, Progress
+from .dataset import enumerate_dataset
+from .doctor import run_doctor
+from .export import module_group, verify_lora_keys
+from .io_utils import atomic_write_json
+from .loop import Trainer, TrainCallbacks, TrainResult
+from .media.probe import MediaError
+from .media.timing import prepare_item
+
+
+def cache_dir_of(config: Config) -> Path:
+    return Path(config.cache.dir) if config.cache.dir else Path(config.output.dir) / "cache"
+
+
+def _echo(message: str, quiet: bool, stream=None) -> None:
+    if not quiet:
+        print(message, file=stream or sys.stdout, flush=True)
+
+
+# ---- backends (headless) --------------------------------------------------------------------------
+
+
+def build_headless_encoders(config: Config):
+    from .backends.diffusers_encoders import build_tiny_encoders, load_encoders
+
+    if config.model.source == "tiny":
+        return build_tiny_encoders(config.model.version, config.model.tiny, seed=config.model.tiny.seed)
+    return load_encoders(config.model.source, config.model.version, precision=_encoder_precision(config))
+
+
+def build_headless_denoiser(config: Config):
+    from .backends.diffusers_backend import build_denoiser
+
+    return build_denoiser(config.model)
+
+
+def _encoder_precision(config: Config) -> str:
+    return {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}[config.train.mixed_precision]
+
+
+# ---- doctor ---------------------------------------------------------------------------------------
+
+
+def run_doctor_command(config: Config, *, strict: bool = False, quiet: bool = False):
+    _require_sources(config)
+    progress = Progress(1, "doctor", quiet=quiet)
+    report = run_doctor(config.dataset, strict=strict, progress=lambda done, total, path: _tick(progress, done, total))
+    _echo(report.to_text(), quiet)
+    return report
+
+
+def _tick(progress: Progress, done: int, total: int) -> None:
+    progress.total = max(1, total)
+    progress.update(done)
+
+
+def _require_sources(config: Config) -> None:
+    if not config.dataset.sources:
+        raise ConfigError("dataset.sources is empty: add a [[dataset.sources]] table with path = \"<folder of clips>\"")
+
+
+# ---- cache ----------------------------------------------------------------------------------------
+
+
+def prepare_for_cache(item, config: Config) -> PreparedItem:
+    """Decode and time one dataset item with the media layer, as tensors for the encoders."""
+    clip = prepare_item(item, config.dataset, seed=config.train.seed)
+    audio = None if clip.audio is None else torch.from_numpy(np.ascontiguousarray(clip.audio))
+    problem = None
+    if audio is None and not item.is_image and config.dataset.with_audio:
+        problem = "no audio stream" if not clip.info.audio_streams else "the audio could not be decoded"
+    return PreparedItem(frames=torch.from_numpy(np.ascontiguousarray(clip.frames)), fps=clip.fps, audio=audio,
+                        audio_valid_samples=clip.audio_valid_samples, audio_problem=problem)
+
+
+def cache_dataset(config: Config, encoders, *, quiet: bool = False, decode: bool = False, warn=None) -> dict:
+    """Encode the dataset into the cache; prints ``Audio latent caching: N encoded, M failed`` and returns
+    the cache summary (the contract's totals plus failures). ``decode`` also writes previews."""
+    _require_sources(config)
+    items = enumerate_dataset(config.dataset)
+    cache_dir = cache_dir_of(config)
+    progress = Progress(len(items), "cache", quiet=quiet)
+    warnings: list[str] = []
+
+    def on_warn(message: str) -> None:
+        warnings.append(message)
+        (warn or progress.line)("warning: " + message)
+
+    summary = build_cache(config, items, encoders, lambda item: prepare_for_cache(item, config), cache_dir,
+                          on_item=lambda i, note: progress.update(i + 1), warn=on_warn)
+    result = {**summary.totals(), "failed": summary.failed, "entries": summary.entries, "failures": summary.failures,
+              "cache_dir": str(cache_dir), "warnings": warnings}
+    if decode:
+        from .previews import write_cache_previews
+
+        result["previews"] = write_cache_previews(config, encoders, cache_dir, progress=progress)
+    atomic_write_json(cache_dir / "cache_report.json", result)
+    _echo(summary.console_line(), quiet)
+    _echo(json.dumps(summary.totals()), quiet)
+    return result
+
+
+def run_cache_command(config: Config, *, decode: bool = False, quiet: bool = False) -> dict:
+    encoders = build_headless_encoders(config)
+    with torch.no_grad():
+        return cache_dataset(config, encoders, quiet=quiet, decode=decode)
+
+
+# ---- train ----------------------------------------------------------------------------------------
+
+
+def load_samples_for_training(config: Config, *, quiet: bool = False):
+    cache_dir = cache_dir_of(config)
+    if not (cache_dir / "manifest.json").is_file():
+        raise ConfigError(f"no cache at {cache_dir}: run `ltx2-av-trainer cache --config ...` first (or set cache.dir)")
+    samples, problems = load_training_samples(cache_dir, expect_audio=config.dataset.with_audio)
+    for problem in problems:
+        _echo(f"warning: not trained on (re-run `cache` to re-encode): {problem}", quiet, sys.stderr)
+    if not samples:
+        raise ConfigError(f"{cache_dir}: no valid cache entry to train on; run `ltx2-av-trainer cache` again")
+    return samples
+
+
+def train_from_cache(config: Config, denoiser, *, callbacks: TrainCallbacks | None = None, resume: str | None = None,
+                     no_resume: bool = False, until_step: int | None = None, quiet: bool = False) -> TrainResult:
+    samples = load_samples_for_training(config, quiet=quiet)
+    trainer = Trainer(config, denoiser, samples, config.output.dir, callbacks)
+    try:
+        if resume or (not no_resume and config.output.resume == "auto"):
+            trainer.try_resume(resume)
+        result = trainer.run(until_step=until_step)
+    finally:
+        # The adapter lives on in the exported file and the resumable state; the base model is left
+        # exactly as it was (ComfyUI samples with it next).
+        trainer.network.detach()
+    write_run_report(config, result, trainer)
+    return result
+
+
+def write_run_report(config: Config, result: TrainResult, trainer: Trainer) -> dict:
+    lora_files = sorted(str(p) for p in (result.run_dir / "lora").glob("*.safetensors"))
+    report = {
+        "config": config.to_dict(),
+        "steps": result.step,
+        "completed": result.completed,
+        "resumed_from": result.resumed_from,
+        "final_loss_video": result.final_loss_video,
+        "final_loss_audio": result.final_loss_audio,
+        "audio_weight": trainer.balancer.weight,
+        "trainable_parameters": trainer.network.parameter_count(),
+        "adapted_modules": len(trainer.network.paths),
+        "adapted_groups": sorted({module_group(p) for p in trainer.network.paths.values()}),
+        "with_audio": trainer.with_audio,
+        "files": {"lora": lora_files, "state": str(result.state_path) if result.state_path else None,
+                  "metrics": str(result.run_dir / "metrics.jsonl")},
+        "warnings": result.warnings,
+    }
+    atomic_write_json(result.run_dir / "report.json", report)
+    return report
+
+
+def run_train_command(config: Config, *, resume: str | None = None, no_resume: bool = False, quiet: bool = False) -> dict:
+    denoiser = build_headless_denoiser(config)
+    tensorboard = Path(config.output.dir) / "tensorboard" if config.logging.tensorboard else None
+    callbacks = ConsoleTraining(quiet=quiet or config.logging.quiet, tensorboard_dir=tensorboard)
+    result = train_from_cache(config, denoiser, callbacks=callbacks, resume=resume, no_resume=no_resume, quiet=quiet)
+    return json.loads((result.run_dir / "report.json").read_text(encoding="utf-8"))
+
+
+# ---- verify ---------------------------------------------------------------------------------------
+
+
+def run_verify_command(config: Config, lora: Path):
+    from .backends.diffusers_backend import diffusers_to_reference_path
+
+    denoiser = build_headless_denoiser(config)
+    module_paths = {diffusers_to_reference_path(name) for name, _ in denoiser.module.named_modules()}
+    return verify_lora_keys(lora, module_paths)
+
+
+# ---- sample ---------------------------------------------------------------------------------------
+
+
+def run_sample_command(config: Config, lora: Path | None, prompt: str, out: Path, *, seed: int = 0, steps: int = 20,
+                       seconds: float | None = None) -> dict:
+    from .previews import sample_and_write
+
+    denoiser = build_headless_denoiser(config)
+    encoders = build_headless_encoders(config)
+    return sample_and_write(config, denoiser, encoders, lora, prompt, out, seed=seed, steps=steps, seconds=seconds)
