@@ -70,7 +70,7 @@ class DatasetConfig:
 
 @dataclass
 class CacheConfig:
-    dir: str = opt("", "Cache folder; empty = <output.dir>/cache.")
+    dir: str = opt("", "Cache folder; empty = the run directory's cache/ subfolder.")
     audio_dtype: Literal["float32"] = opt("float32", "Audio latents are always encoded and stored in fp32 (posterior mean).")
     video_dtype: Literal["float32", "bfloat16", "float16"] = opt("float32", "Storage type of cached video latents.")
 
@@ -196,7 +196,7 @@ class LoggingConfig:
 
 @dataclass
 class OutputConfig:
-    dir: str = opt("runs/ltx2_av_lora", "Run directory: metrics.jsonl, lora/, state/, report.json.")
+    dir: str = opt("runs/ltx2_av_lora", "Run directory: metrics.jsonl, lora/, state/, report.json, config.json.")
     name: str = opt("ltx2_av_lora", "LoRA file name prefix (lora/<name>_<step>.safetensors).")
     save_every: int = opt(250, "Save the LoRA and a resumable state every N steps (and at the end).")
     keep_states: int = opt(2, "How many resumable states to keep on disk.")
@@ -387,3 +387,49 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
 
 def default_config() -> Config:
     return Config()
+
+
+def reference_markdown() -> str:
+    """The option reference of the README, generated from the field help texts (a test keeps the
+    README in step with this)."""
+    lines = []
+    for section in dataclasses.fields(Config):
+        _section_markdown(section.name, section.type if isinstance(section.type, type) else typing.get_type_hints(Config)[section.name], lines)
+    return "\n".join(lines) + "\n"
+
+
+def _section_markdown(name: str, cls: type, lines: list[str]) -> None:
+    hints = typing.get_type_hints(cls)
+    rows = []
+    nested = []
+    instance = cls()
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            nested.append((f"{name}.{f.name}", tp))
+            continue
+        item = typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
+        if item is not None and dataclasses.is_dataclass(item):
+            nested.append((f"[[{name}.{f.name}]]", item))
+            continue
+        default = getattr(instance, f.name)
+        rows.append(f"| `{f.name}` | {_type_name(tp)} | `{json.dumps(default)}` | {f.metadata.get('help', '')} |")
+    header = name if name.startswith("[") else f"[{name}]"
+    lines.append(f"#### `{header}`\n")
+    lines.append("| key | type | default | meaning |")
+    lines.append("|---|---|---|---|")
+    lines.extend(rows)
+    lines.append("")
+    for child, tp in nested:
+        _section_markdown(child, tp, lines)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " \\| ".join(f"`{v}`" for v in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(t) for t in typing.get_args(tp) if t is not type(None)) + " (optional)"
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
