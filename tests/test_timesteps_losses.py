@@ -85,3 +85,19 @@ def test_inv_freq_and_none_and_state_round_trip():
     clone = AudioLossBalancer(LossConfig(balance="inv_freq", inv_freq_beta=0.5, balance_max=10))
     clone.load_state_dict(inv.state_dict())
     assert clone.update(0.3, 0.4) == inv.update(0.3, 0.4)
+
+
+def test_learning_rate_schedules():
+    from ltx2_av_trainer.trainer.config import ScheduleConfig
+    from ltx2_av_trainer.trainer.optim import lr_factor
+
+    warm = ScheduleConfig(name="constant_with_warmup", warmup_steps=4)
+    assert [lr_factor(s, 100, warm) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert lr_factor(0, 100, ScheduleConfig(name="constant", warmup_steps=4)) == 1.0
+    cosine = ScheduleConfig(name="cosine", min_lr_ratio=0.1)
+    assert lr_factor(0, 100, cosine) == pytest.approx(1.0) and lr_factor(100, 100, cosine) == pytest.approx(0.1)
+    assert lr_factor(50, 100, cosine) == pytest.approx(0.55)
+    linear = ScheduleConfig(name="linear")
+    assert lr_factor(25, 100, linear) == pytest.approx(0.75)
+    restarts = ScheduleConfig(name="cosine_with_restarts", num_cycles=2)
+    assert lr_factor(49, 100, restarts) < 0.01 and lr_factor(50, 100, restarts) == pytest.approx(1.0)
