@@ -82,9 +82,8 @@ def prepare_for_cache(item, config: Config) -> PreparedItem:
     """Decode and time one dataset item with the media layer, as tensors for the encoders."""
     clip = prepare_item(item, config.dataset, seed=config.train.seed)
     audio = None if clip.audio is None else torch.from_numpy(np.ascontiguousarray(clip.audio))
-    problem = None
-    if audio is None and not item.is_image and config.dataset.with_audio:
-        problem = "no audio stream" if not clip.info.audio_streams else "the audio could not be decoded"
+    # prepare_clip raises MediaError for audio that exists but cannot be decoded; None means no audio stream.
+    problem = "no audio stream" if audio is None and not item.is_image and config.dataset.with_audio else None
     return PreparedItem(frames=torch.from_numpy(np.ascontiguousarray(clip.frames)), fps=clip.fps, audio=audio,
                         audio_valid_samples=clip.audio_valid_samples, audio_problem=problem)
 
