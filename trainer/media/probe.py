@@ -114,11 +114,6 @@ class MediaInfo:
         starts = ([self.video.start_s] if self.video else []) + [a.start_s for a in self.audio]
         return min(starts) if starts else 0.0
 
-    @property
-    def audio_streams(self) -> list[AudioStreamInfo]:
-        """The audio streams (same list as ``audio``; the name trainer/pipeline.py reads)."""
-        return self.audio
-
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
