@@ -27,6 +27,7 @@ from ltx2_av_trainer.trainer.backends.diffusers_encoders import (
 )
 from ltx2_av_trainer.trainer.backends.interface import DenoiserInput, TextContext
 from ltx2_av_trainer.trainer.backends.text_encoder import (
+    TINY_MAX_TEXT_LENGTH,
     PrecomputedText,
     TextEncoder,
     build_tiny_text_encoder,
@@ -127,7 +128,7 @@ def test_shapes_dtypes_and_denoiser_fit(encoders):
     assert audio.shape == (1, 8, 26, 16) and audio.dtype == torch.float32
     widths = (32, 32) if version == "2.0" else (32, 16)  # 2.0: caption width; 2.3: video / audio inner widths
     assert (text.video.shape[-1], text.audio.shape[-1]) == widths
-    assert text.video.shape[:2] == text.audio.shape[:2] == text.mask.shape == (1, 32)
+    assert text.video.shape[:2] == text.audio.shape[:2] == text.mask.shape == (1, TINY_MAX_TEXT_LENGTH)
     assert torch.isfinite(video).all() and torch.isfinite(audio).all() and torch.isfinite(text.video).all()
 
     # The contexts and latents feed the embedded tiny transformer of the same version as they are.
@@ -242,10 +243,11 @@ def test_prompts_are_left_padded(encoders):
     tokens = text.tokenize(["a man speaks", "ohwx, a woman sings loudly in a bright studio at night"])
     short = tokens.attention_mask[0]
     count = tokens.token_counts[0]
-    assert short[: 32 - count].eq(0).all() and short[32 - count :].eq(1).all()  # zeros at the start
-    assert tokens.input_ids[0, 32 - count] == text.tokenizer.bos_token_id
-    with pytest.warns(UserWarning, match="truncated to 32"):
-        text.tokenize([" ".join(["word"] * 40)])
+    n = TINY_MAX_TEXT_LENGTH
+    assert short[: n - count].eq(0).all() and short[n - count :].eq(1).all()  # zeros at the start
+    assert tokens.input_ids[0, n - count] == text.tokenizer.bos_token_id
+    with pytest.warns(UserWarning, match=f"truncated to {n}"):
+        text.tokenize([" ".join(["word"] * (n + 10))])
     # With learnable registers the connectors fill the padding, so every context token is attended.
     context = encoders.encode_text(["a man speaks"])
     assert context.mask.dtype == torch.int64 and context.mask.eq(1).all()
@@ -335,7 +337,7 @@ def test_load_encoders_from_pipeline_folder(tmp_path, version):
     tiny.text.connectors.save_pretrained(tmp_path / "connectors")
     tiny.text.text_model.save_pretrained(tmp_path / "text_encoder")
     tiny.text.tokenizer.save_pretrained(tmp_path / "tokenizer")
-    loaded = load_encoders(tmp_path, version, precision="fp32", max_text_length=32)
+    loaded = load_encoders(tmp_path, version, precision="fp32", max_text_length=TINY_MAX_TEXT_LENGTH)
     frames, wave, prompts = clip_frames(), voice_like(1.0), ["ohwx, a man speaks"]
     assert torch.equal(loaded.encode_video(frames), tiny.encode_video(frames))
     assert torch.equal(loaded.encode_audio(wave), tiny.encode_audio(wave))
@@ -343,12 +345,12 @@ def test_load_encoders_from_pipeline_folder(tmp_path, version):
     assert torch.equal(loaded_text.video, tiny_text.video) and torch.equal(loaded_text.audio, tiny_text.audio)
     assert loaded.fingerprint() == tiny.fingerprint()
     if version == "2.0":
-        half = load_encoders(tmp_path, version, precision="bf16", max_text_length=32)
+        half = load_encoders(tmp_path, version, precision="bf16", max_text_length=TINY_MAX_TEXT_LENGTH)
         assert half.video_vae.dtype == half.vocoder.dtype == torch.bfloat16
         assert half.audio_vae.dtype == torch.float32 and half.encode_audio(wave).dtype == torch.float32
     other = "2.3" if version == "2.0" else "2.0"
     with pytest.raises(ConfigError, match=f"model.version is '{other}' but .* holds LTX-{version} weights"):
-        load_encoders(tmp_path, other, precision="fp32", max_text_length=32)
+        load_encoders(tmp_path, other, precision="fp32", max_text_length=TINY_MAX_TEXT_LENGTH)
 
 
 def test_load_encoders_with_separate_gemma3_multimodal_folder(tmp_path):
@@ -370,9 +372,9 @@ def test_load_encoders_with_separate_gemma3_multimodal_folder(tmp_path):
     gemma.save_pretrained(tmp_path / "gemma")
     tiny.text.tokenizer.save_pretrained(tmp_path / "gemma")
     loaded = load_encoders(tmp_path / "pipeline", "2.0", text_encoder_path=tmp_path / "gemma", precision="fp32",
-                           max_text_length=32)
+                           max_text_length=TINY_MAX_TEXT_LENGTH)
     assert type(loaded.text.text_model).__name__ == "Gemma3ForConditionalGeneration"
-    direct = TextEncoder(tiny.text.tokenizer, gemma, tiny.text.connectors, "2.0", max_length=32)
+    direct = TextEncoder(tiny.text.tokenizer, gemma, tiny.text.connectors, "2.0", max_length=TINY_MAX_TEXT_LENGTH)
     prompts = ["ohwx, a man speaks", "a woman sings"]
     tokens = direct.tokenize(prompts)
     with torch.no_grad():  # through the LM-head model, as diffusers' pipeline calls it
@@ -404,7 +406,7 @@ def test_quantized_gemma_needs_cuda(tmp_path):
         module.save_pretrained(tmp_path / name)
     tiny.text.tokenizer.save_pretrained(tmp_path / "tokenizer")
     with pytest.raises(ConfigError, match="needs a CUDA GPU"):
-        load_encoders(tmp_path, "2.0", load_in_8bit=True, max_text_length=32)
+        load_encoders(tmp_path, "2.0", load_in_8bit=True, max_text_length=TINY_MAX_TEXT_LENGTH)
     with pytest.raises(ConfigError, match="not both"):
         load_encoders(tmp_path, "2.0", load_in_8bit=True, load_in_4bit=True)
 
@@ -431,3 +433,15 @@ def test_tiny_encoder_timing(encoders):
           + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in timings.items()))
     assert outputs["video"].shape == (1, 128, 4, 3, 4) and outputs["audio"].shape == (1, 8, 26, 16)
     assert isinstance(outputs["text"], TextContext)
+
+
+def test_fingerprint_is_unchanged_by_use():
+    """Encoding text sets padding/truncation on the tokenizer backend; the fingerprint must not move,
+    or every second cache run would re-encode everything."""
+    from ltx2_av_trainer.trainer.backends.diffusers_encoders import build_tiny_encoders
+
+    encoders = build_tiny_encoders("2.0", TINY)
+    before = encoders.fingerprint()
+    encoders.encode_text(["a short prompt", "a somewhat longer prompt with more words in it"])
+    encoders.encode_audio(voice_like(0.5))
+    assert encoders.fingerprint() == before

@@ -51,7 +51,7 @@ def cmd_doctor(args) -> int:
     config = _load_config(args)
     report = run_doctor_command(config, strict=args.strict, quiet=args.quiet)
     _write_json(args.json, report.to_dict())
-    return report.exit_code(strict=args.strict)
+    return report.exit_code
 
 
 def cmd_cache(args) -> int:

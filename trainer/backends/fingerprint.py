@@ -57,7 +57,15 @@ def module_fingerprint(module: nn.Module) -> str:
 
 def tokenizer_digest(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    text = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        # Tokenizing with padding/truncation records those settings in the backend: they say
+        # nothing about the vocabulary, and must not change the fingerprint after first use.
+        spec.pop("padding", None)
+        spec.pop("truncation", None)
+        text = json.dumps(spec, sort_keys=True)
+    else:
+        text = json.dumps(tokenizer.get_vocab(), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -30,7 +30,7 @@ from .fingerprint import module_fingerprint, tokenizer_digest
 from .interface import TextContext
 
 REAL_MAX_TEXT_LENGTH = 1024
-TINY_MAX_TEXT_LENGTH = 32
+TINY_MAX_TEXT_LENGTH = 96  # room for a demo caption with its transcript (~75 tokens)
 TINY_CONNECTOR_REGISTERS = 8
 TINY_TEXT_LAYERS = 2
 PRECOMPUTED_FORMAT = "ltx2-av-trainer/text-context/v1"
