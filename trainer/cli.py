@@ -23,7 +23,7 @@ def _load_config(args) -> Config:
     overrides = {}
     if getattr(args, "steps", None):
         overrides["train.steps"] = args.steps
-    if getattr(args, "out", None) and hasattr(args, "out") and args.command == "train":
+    if args.command == "train" and args.out:
         overrides["output.dir"] = str(args.out)
     if getattr(args, "quiet", False):
         overrides["logging.quiet"] = True
