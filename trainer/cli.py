@@ -1,6 +1,6 @@
 """``ltx2-av-trainer``: the headless command line on the same core as the ComfyUI nodes.
 
-Subcommands: demo, doctor, cache, train, verify, sample. Every one takes ``--help``; those that write
+Subcommands: demo, doctor, cache, train, verify, sample, bench. Every one takes ``--help``; those that write
 a report take ``--json PATH``. Errors exit non-zero with one line saying what is wrong and what to do.
 """
 
@@ -95,6 +95,12 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench import cmd_bench as run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ltx2-av-trainer", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show the full traceback of unexpected errors")
@@ -146,6 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=None, help="clip length (default: the dataset's frames at target fps)")
     common(p)
     p.set_defaults(func=cmd_sample)
+
+    from .bench_cli import add_bench_arguments
+
+    p = sub.add_parser("bench", help="time our training step against a plain diffusers + peft loop (same model, same work)")
+    add_bench_arguments(p)
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

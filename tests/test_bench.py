@@ -1,0 +1,147 @@
+"""``ltx2-av-trainer bench``: contract fields, same model on both sides, memory and FLOP accounting.
+
+Timings are measured by the bench, never asserted here.
+"""
+
+import argparse
+import json
+import math
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from ltx2_av_trainer.trainer.bench import (
+    BenchConfig,
+    BenchRun,
+    _cpu_step_peak_bytes,
+    cmd_bench,
+    reference_lora_targets,
+    run_bench,
+)
+from ltx2_av_trainer.trainer.bench_cli import add_bench_arguments
+from ltx2_av_trainer.trainer.config import ConfigError
+
+
+@pytest.fixture(scope="module")
+def tiny_report():
+    return run_bench("tiny", compare_checkpointing=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_run():
+    return BenchRun(BenchConfig.from_preset("tiny"))
+
+
+def test_tiny_bench_returns_the_contract_with_sane_values(tiny_report):
+    r = tiny_report
+    assert r["device"] == "cpu" and r["preset"] == "tiny"
+    model = r["model"]
+    assert model["layers"] == 2
+    assert model["dims"]["video"] == {"heads": 2, "head_dim": 16, "inner": 32, "ff": 128}
+    assert model["dims"]["audio"] == {"heads": 2, "head_dim": 8, "inner": 16, "ff": 64}
+    assert model["tokens"] == {"video": 2 * 4 * 4, "audio": 13, "text": 8, "per_step": 45}
+    assert model["lora"]["parameters"] == model["lora"]["reference_parameters"] > 0
+    for side in ("ours", "reference"):
+        s = r[side]
+        assert s["step_time_s"] > 0 and len(s["step_times_s"]) == r["steps"]
+        assert s["peak_mem_bytes"] == s["persistent_bytes"] + s["step_peak_bytes"]
+        assert s["persistent_bytes"] > 0 and s["step_peak_bytes"] > 0 and s["activation_bytes"] > 0
+        assert s["tokens_per_s"] > 0
+        assert 0 <= s["data_share"] < 1 and s["data_time_s"] >= 0
+        assert s["mfu"] is None  # no peak-FLOPs figure on CPU
+    for ratio in ("ratio_step_time", "ratio_peak_mem"):
+        assert math.isfinite(r[ratio]) and r[ratio] > 0
+    assert r["tokens_per_s"] == r["ours"]["tokens_per_s"] and r["data_share"] == r["ours"]["data_share"]
+    assert "mfu" in r and r["mfu"] is None and "CPU" in r["mfu_note"]
+    assert 0 < r["flops"]["forward"] < r["flops"]["train_step"]
+    for name in ("step_time_vs_reference", "peak_mem_vs_reference", "data_share", "checkpointing_cut"):
+        target = r["targets"][name]
+        assert target["met"] in (True, False) and target["value"] is not None and target["limit"] > 0
+    json.dumps(r)  # the report is plain JSON
+
+
+def test_both_sides_start_from_the_same_model_batch_and_noise(tiny_report):
+    ours, reference = tiny_report["ours"]["initial_loss"], tiny_report["reference"]["initial_loss"]
+    for modality in ("video", "audio"):
+        assert math.isfinite(ours[modality]) and ours[modality] > 0
+        assert ours[modality] == pytest.approx(reference[modality], rel=1e-6)
+    assert tiny_report["initial_loss_rel_diff"] <= 1e-6
+
+
+def test_checkpointing_cuts_measured_activation_memory(tiny_report):
+    saving = tiny_report["checkpointing_saving"]
+    assert saving["on"]["step_peak_bytes"] < saving["off"]["step_peak_bytes"]
+    assert saving["on"]["activation_bytes"] < saving["off"]["activation_bytes"]
+    assert saving["step_peak_cut"] > 0 and saving["activation_cut"] > 0
+
+
+def test_reference_adapts_exactly_our_modules_on_shared_frozen_weights(tiny_run):
+    ours = list(tiny_run.trainer.network.paths.values())
+    reference = reference_lora_targets(tiny_run.reference.model)
+    assert reference == ours
+    assert any(".audio_to_video_attn.to_q" in p for p in ours) and any(".audio_attn2.to_v" in p for p in ours)
+    # Two trainable matrices per adapted module, nothing else trainable.
+    assert len(tiny_run.reference.params) == 2 * len(ours)
+    ours_base = dict(tiny_run.trainer.denoiser.module.named_parameters())
+    for name, param in tiny_run.reference.model.named_parameters():
+        if "lora_" in name:
+            assert param.requires_grad and param.dtype == torch.float32
+            continue
+        assert not param.requires_grad
+        assert param.data_ptr() == ours_base[name.replace(".base_layer", "")].data_ptr()
+
+
+def test_analytic_flops_match_torch_flop_counter(tiny_run):
+    # The math SDPA backend runs attention as matmuls, so the counter sees every matmul of the step.
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        tiny_run.ours_step()
+    assert tiny_run.flops().train_step == pytest.approx(counter.get_total_flops(), rel=0.02)
+
+
+def test_cpu_step_peak_follows_allocations_and_frees():
+    def step():
+        a = torch.ones(1 << 20)  # 4 MiB
+        b = torch.ones(1 << 20)
+        del a, b
+        c = torch.ones(1 << 19)  # 2 MiB, after the peak
+        return c.sum()
+
+    peak = _cpu_step_peak_bytes(step)
+    assert 8 << 20 <= peak < 9 << 20
+
+
+def test_bad_bench_requests_are_refused():
+    with pytest.raises(ConfigError, match="preset 'huge'"):
+        BenchConfig.from_preset("huge")
+    with pytest.raises(ConfigError, match="--layers"):
+        BenchConfig.from_preset("small", layers=0)
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA"):
+        BenchRun(BenchConfig.from_preset("tiny", precision="fp16", device="cpu"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without a GPU")
+def test_real_preset_needs_a_gpu():
+    with pytest.raises(ConfigError, match="needs a CUDA GPU"):
+        run_bench("real", layers=1)
+
+
+def test_cli_prints_a_table_and_writes_the_json_report(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    add_bench_arguments(parser)
+    out = tmp_path / "bench.json"
+    args = parser.parse_args(["--preset", "tiny", "--steps", "1", "--warmup", "1", "--json", str(out)])
+    assert cmd_bench(args) == 0
+    printed = capsys.readouterr().out
+    assert "step time" in printed and "peak memory" in printed and "targets" in printed
+    report = json.loads(out.read_text())
+    assert report["preset"] == "tiny" and report["steps"] == 1 and len(report["ours"]["step_times_s"]) == 1
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_bench_precisions_match_the_loop():
+    from ltx2_av_trainer.trainer.bench_cli import PRECISIONS
+    from ltx2_av_trainer.trainer.loop import PRECISION_DTYPES
+
+    assert set(PRECISIONS) == set(PRECISION_DTYPES)
