@@ -248,6 +248,8 @@ def build_cache(
                 summary.audio_failed += 1
             summary.failures.append({"path": str(item.media_path), "reason": str(exc)})
             warn(f"{item.media_path}: not cached: {exc}")
+            if on_item:
+                on_item(index, f"failed {item_id}")
             continue
         entries.append(entry)
         if on_item:

@@ -8,6 +8,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -88,9 +89,11 @@ def prepare_for_cache(item, config: Config) -> PreparedItem:
                         audio_valid_samples=clip.audio_valid_samples, audio_problem=problem)
 
 
-def cache_dataset(config: Config, encoders, *, quiet: bool = False, decode: bool = False, warn=None) -> dict:
+def cache_dataset(config: Config, encoders, *, quiet: bool = False, decode: bool = False, warn=None,
+                  on_item: Callable[[int, int], None] | None = None) -> dict:
     """Encode the dataset into the cache; prints ``Audio latent caching: N encoded, M failed`` and returns
-    the cache summary (the contract's totals plus failures). ``decode`` also writes previews."""
+    the cache summary (the contract's totals plus failures). ``decode`` also writes previews.
+    ``on_item(done, total)`` reports progress (ComfyUI's progress bar)."""
     _require_sources(config)
     items = enumerate_dataset(config.dataset)
     cache_dir = cache_dir_of(config)
@@ -101,8 +104,13 @@ def cache_dataset(config: Config, encoders, *, quiet: bool = False, decode: bool
         warnings.append(message)
         (warn or progress.line)("warning: " + message)
 
+    def item_done(index: int, note: str) -> None:
+        progress.update(index + 1)
+        if on_item is not None:
+            on_item(index + 1, len(items))
+
     summary = build_cache(config, items, encoders, lambda item: prepare_for_cache(item, config), cache_dir,
-                          on_item=lambda i, note: progress.update(i + 1), warn=on_warn)
+                          on_item=item_done, warn=on_warn)
     result = {**summary.totals(), "failed": summary.failed, "entries": summary.entries, "failures": summary.failures,
               "cache_dir": str(cache_dir), "warnings": warnings}
     if decode:

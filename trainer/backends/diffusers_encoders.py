@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -25,7 +24,7 @@ from torch import nn
 
 from ..config import ConfigError, TinyModelConfig
 from .audio_frontend import LTX2_MEL, MelSettings, audio_latent_count, log_mel_spectrogram
-from .interface import AUDIO_LATENT_CHANNELS, AUDIO_LATENT_MEL_BINS, VIDEO_LATENT_CHANNELS, TextContext
+from .interface import AUDIO_LATENT_CHANNELS, AUDIO_LATENT_MEL_BINS, VIDEO_LATENT_CHANNELS, EncodedAudio, TextContext
 from .text_encoder import (
     REAL_MAX_TEXT_LENGTH,
     TextSource,
@@ -36,12 +35,6 @@ from .fingerprint import module_fingerprint
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PIPELINE_SUBFOLDERS = ("vae", "audio_vae", "vocoder", "connectors", "text_encoder", "tokenizer")
-
-
-@dataclass
-class EncodedAudio:
-    latents: torch.Tensor  # [B, 8, T, 16], float32, normalised
-    valid_frames: list[int]  # latent frames per sample that come from real (unpadded) audio
 
 
 class DiffusersEncoders:

@@ -56,6 +56,12 @@ class DenoiserInput:
     fps: float
 
 
+@dataclass
+class EncodedAudio:
+    latents: torch.Tensor  # [B, 8, T, 16], float32, normalised
+    valid_frames: list[int]  # latent frames per sample that come from real (unpadded) audio
+
+
 @runtime_checkable
 class Denoiser(Protocol):
     """Predicts flow-matching velocities (ε - x0) for both modalities."""
@@ -92,6 +98,18 @@ class Encoders(Protocol):
 
     def encode_audio(self, waveform: torch.Tensor) -> torch.Tensor:
         """``[B, 2, S]`` at ``audio_sample_rate`` → ``[B, 8, T, 16]`` (fp32, posterior mean, normalised)."""
+        ...
+
+    def encode_audio_padded(self, waveform: torch.Tensor, valid_samples) -> EncodedAudio:
+        """Like ``encode_audio`` for zero-padded clips, with the latent frames that come from real audio."""
+        ...
+
+    def audio_latent_frames(self, num_samples: int) -> int:
+        """Audio latent frames for ``num_samples`` samples at ``audio_sample_rate`` (25 per second)."""
+        ...
+
+    def decode_video(self, latents: torch.Tensor) -> torch.Tensor:
+        """``[B, 128, F', H', W']`` → frames ``[B, 3, F, H, W]`` in [-1, 1] (previews)."""
         ...
 
     def decode_audio(self, latents: torch.Tensor) -> tuple[torch.Tensor, int]:

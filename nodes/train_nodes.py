@@ -1,0 +1,305 @@
+"""Training nodes: the training config, the LoRA training itself (N steps per queue, live chart), saving.
+
+Train LoRA runs ``trainer.pipeline.train_from_cache`` on a ``ComfyDenoiser`` over the loader's MODEL (no
+second copy of the weights). Its run folder is ``<ComfyUI output>/ltx2av_runs/<run_name>``; each queue
+trains ``steps_per_queue`` more steps (``until_step``) and the next queue resumes from the run's saved
+state, until ``train.steps`` (the run's total) is reached. Cancel raises ComfyUI's
+``InterruptProcessingException`` at the next step; the trainer saves a resumable state on any exception
+and re-raises it, so nothing learned is lost. After every step the node sends
+``PromptServer.instance.send_sync("ltx2av.train", point)`` for the live chart and returns every point
+of the run as ``ui["ltx2av_history"]``, so the chart comes back after a page reload.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+from comfy_api.latest import io
+
+from ..trainer.config import Config, ConfigError
+from ..trainer.console import ConsoleTraining
+from ..trainer.export import METADATA_PREFIX, read_lora
+from ..trainer.io_utils import atomic_path, read_jsonl
+from ..trainer.loop import TrainingError
+from ..trainer.pipeline import train_from_cache
+from ..trainer.state import find_latest_state
+from .comfy_backend import ComfyDenoiser, detect_comfy_version, ltxav_diffusion_model
+from .comfy_env import comfy_training_mode, import_model_management
+from .config_widgets import config_from_widgets, training_widgets, widget_inputs
+from .types import (
+    CATEGORY_TRAIN,
+    RUNS_ROOT,
+    CacheType,
+    ConfigType,
+    LoRAType,
+    cache_payload,
+    lora_payload,
+    output_subfolder,
+    safe_name,
+)
+
+log = logging.getLogger(__name__)
+
+TRAIN_EVENT = "ltx2av.train"
+ETA_WINDOW = 20  # steps averaged for the ETA
+
+
+# ---- Training Config ----------------------------------------------------------------------------------
+
+
+class TrainingConfig(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LTX2AV_TrainingConfig",
+            display_name="LTX2AV Training Config",
+            category=CATEGORY_TRAIN,
+            description="Every training option of the trainer (the same keys as the CLI's TOML config; each tooltip "
+                        "names its key). The dataset, cache, model version, run folder and device come from the other nodes.",
+            inputs=widget_inputs(training_widgets()),
+            outputs=[ConfigType.Output("config", tooltip="The full trainer config (LTX2AV_CONFIG).")],
+        )
+
+    @classmethod
+    def execute(cls, **widgets) -> io.NodeOutput:
+        return io.NodeOutput(config_from_widgets(widgets).to_dict())
+
+
+# ---- the run --------------------------------------------------------------------------------------------
+
+
+def run_folder(run_name: str) -> Path:
+    return output_subfolder(RUNS_ROOT, run_name, "run_name")
+
+
+def saved_step(run_dir: Path) -> int:
+    """The step of the run's latest complete resumable state (0 for a new run)."""
+    folder = find_latest_state(run_dir)
+    if folder is None:
+        return 0
+    return int(json.loads((folder / "state.json").read_text(encoding="utf-8"))["step"])
+
+
+def run_config(config_value: dict, cache: dict, run_dir: Path, run_name: str, model_patcher) -> Config:
+    """The training config of this run: the Training Config node's options, the cache's dataset and folder,
+    the MODEL's version and device, and the run folder."""
+    if not isinstance(config_value, dict):
+        raise ValueError("expected an LTX2AV_CONFIG value from the LTX2AV Training Config node")
+    data = Config.from_dict(config_value).to_dict()
+    cached = Config.from_dict(cache["config"])
+    version = detect_comfy_version(ltxav_diffusion_model(model_patcher))
+    if cached.model.version != version:
+        raise ConfigError(
+            f"the cache in {cache['cache_dir']} was made with an LTX-{cached.model.version} model but the MODEL is "
+            f"LTX-{version}; cache the dataset again with this MODEL (another cache_name)"
+        )
+    data["dataset"] = cached.to_dict()["dataset"]
+    data["cache"] = cached.to_dict()["cache"]
+    data["model"]["version"] = version
+    data["output"].update(dir=str(run_dir), name=safe_name(run_name, "run_name"), resume="auto")
+    data["train"]["device"] = str(model_patcher.load_device)
+    return Config.from_dict(data)
+
+
+def lora_file(config: Config, step: int) -> Path:
+    """The LoRA the trainer exported at ``step`` (``lora/<name>_<step>.safetensors``)."""
+    return Path(config.output.dir) / "lora" / f"{config.output.name}_{step:06d}.safetensors"
+
+
+# ---- the live chart ---------------------------------------------------------------------------------------
+
+
+def chart_point(node: str, row: dict, total: int, recent_step_times: list[float]) -> dict:
+    """One chart event (the contract's payload) from a metrics.jsonl row."""
+    recent = recent_step_times[-ETA_WINDOW:]
+    mean_time = sum(recent) / len(recent) if recent else row["step_time_s"]
+    point = {
+        "node": node,
+        "step": row["step"],
+        "total": total,
+        "loss_video": row["loss_video"],
+        "loss_audio": row["loss_audio"],
+        "audio_weight": row["audio_weight"],
+        "step_time_s": row["step_time_s"],
+        "eta_s": max(0, total - row["step"]) * mean_time,
+    }
+    for key in ("val_loss_video", "val_loss_audio"):
+        if row.get(key) is not None:
+            point[key] = row[key]
+    return point
+
+
+def chart_history(node: str, rows: list[dict], total: int) -> list[dict]:
+    """The chart points of every step in ``rows`` (metrics.jsonl), computed as the live events were."""
+    points, times = [], []
+    for row in rows:
+        times.append(row["step_time_s"])
+        points.append(chart_point(node, row, total, times))
+    return points
+
+
+def send_train_event(point: dict) -> bool:
+    """Send one chart point to the browser; False when no ComfyUI server runs in this process."""
+    try:
+        from server import PromptServer
+    except ImportError:  # library use (CLI, tests without a server): nobody to send to
+        return False
+    instance = getattr(PromptServer, "instance", None)
+    if instance is None:
+        return False
+    instance.send_sync(TRAIN_EVENT, point)
+    return True
+
+
+class ComfyTraining(ConsoleTraining):
+    """Console lines and TensorBoard (``ConsoleTraining``) plus ComfyUI's progress bar, Cancel and the chart."""
+
+    def __init__(self, node: str, config: Config):
+        tensorboard = Path(config.output.dir) / "tensorboard" if config.logging.tensorboard else None
+        super().__init__(quiet=config.logging.quiet, tensorboard_dir=tensorboard)
+        self.node = node
+        self.total = config.train.steps
+        self.points: list[dict] = []
+        self._times: list[float] = []
+        self._bar = None
+
+    def on_start(self, trainer) -> None:
+        import comfy.utils
+
+        super().on_start(trainer)
+        # The run so far (the trainer has already cut metrics.jsonl back to the resumed step).
+        for row in read_jsonl(Path(trainer.run_dir) / "metrics.jsonl"):
+            self._times.append(row["step_time_s"])
+            self.points.append(chart_point(self.node, row, self.total, self._times))
+        self._bar = comfy.utils.ProgressBar(self.total)
+        self._bar.update_absolute(trainer.step)
+
+    def on_step(self, trainer, metrics: dict) -> None:
+        super().on_step(trainer, metrics)
+        self._times.append(metrics["step_time_s"])
+        point = chart_point(self.node, metrics, self.total, self._times)
+        self.points.append(point)
+        send_train_event(point)
+        self._bar.update_absolute(metrics["step"])
+        # The bar's hook is throttled; this check makes Cancel stop within one step.
+        import_model_management().throw_exception_if_processing_interrupted()
+
+
+# ---- Train LoRA ---------------------------------------------------------------------------------------------
+
+
+class TrainLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LTX2AV_TrainLoRA",
+            display_name="LTX2AV Train LoRA",
+            category=CATEGORY_TRAIN,
+            description="Trains an audio+video LoRA on the MODEL from the cache: steps_per_queue steps per queue, "
+                        "continuing the run (output/ltx2av_runs/<run_name>) each time you queue again, up to the "
+                        "config's train_steps. Cancel keeps a resumable state. The node shows a live loss chart.",
+            inputs=[
+                io.Model.Input("model", tooltip="The LTX-2 / LTX-2.3 audio-video MODEL the cache was made with. It is trained through an adapter and left unchanged."),
+                CacheType.Input("cache", tooltip="From LTX2AV Cache Latents."),
+                ConfigType.Input("config", tooltip="From LTX2AV Training Config."),
+                io.Int.Input("steps_per_queue", default=100, min=1, max=1_000_000, tooltip="Optimizer steps per queue; queue again to continue the same run from its saved state."),
+                io.String.Input("run_name", default="my_character", tooltip="Run folder under ComfyUI's output/ltx2av_runs and the LoRA file prefix (a plain name). A new name starts a new run."),
+            ],
+            outputs=[
+                LoRAType.Output("lora", tooltip="The LoRA saved at the last step (LTX2AV_LORA)."),
+                io.String.Output("loss_history", tooltip="JSON list of the per-step metrics of the run so far (metrics.jsonl)."),
+            ],
+            hidden=[io.Hidden.unique_id],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, **inputs):
+        # ComfyUI passes only the widget values here. Re-run on every queue while the run advances: its
+        # saved step changes after each queue (a finished run stays cached).
+        run_name, steps_per_queue = inputs.get("run_name", ""), inputs.get("steps_per_queue")
+        try:
+            return (run_name, steps_per_queue, saved_step(run_folder(run_name)))
+        except ValueError:
+            return (run_name, steps_per_queue)  # a bad run_name is reported by execute
+
+    @classmethod
+    def execute(cls, model, cache, config, steps_per_queue: int, run_name: str) -> io.NodeOutput:
+        cache = cache_payload(cache)
+        run_dir = run_folder(run_name)
+        run = run_config(config, cache, run_dir, run_name, model)
+        node = str(cls.hidden.unique_id) if cls.hidden is not None and cls.hidden.unique_id is not None else ""
+        start = saved_step(run_dir)
+        until = min(start + steps_per_queue, run.train.steps)
+        if start >= run.train.steps:
+            log.info("LTX2AV Train LoRA: run %s already has %d of %d steps; raise train_steps in the Training Config to "
+                     "continue it, or use a new run_name", run_name, start, run.train.steps)
+        denoiser = ComfyDenoiser(model, run.model.version,
+                                 checkpointing="block" if run.model.gradient_checkpointing else "none",
+                                 cross_modal_sigma=run.model.cross_modal_sigma)
+        callbacks = ComfyTraining(node, run)
+        # Nodes run under torch.inference_mode(); training needs autograd, and ComfyUI's training code path.
+        with torch.inference_mode(False), torch.enable_grad(), comfy_training_mode():
+            denoiser.load()  # after any sampling: loads the MODEL and makes its tensors trainable
+            try:
+                result = train_from_cache(run, denoiser, callbacks=callbacks, until_step=until)
+            except TrainingError as exc:
+                raise TrainingError(f"{exc} (in ComfyUI: use a new run_name to start a fresh run)") from exc
+        lora_path = result.lora_path or lora_file(run, result.step)
+        if not lora_path.is_file():
+            raise FileNotFoundError(f"{lora_path}: the run has no LoRA for step {result.step}; queue again to train")
+        _, metadata = read_lora(lora_path)
+        lora = {
+            "path": str(lora_path),
+            "step": result.step,
+            "run_dir": str(run_dir),
+            "groups": json.loads(metadata.get(METADATA_PREFIX + "groups", "[]")),
+            "config": run.to_dict(),
+        }
+        rows = read_jsonl(run_dir / "metrics.jsonl")
+        return io.NodeOutput(lora, json.dumps(rows), ui={"ltx2av_history": chart_history(node, rows, run.train.steps)})
+
+
+# ---- Save LoRA ----------------------------------------------------------------------------------------------
+
+
+def lora_target(filename: str) -> Path:
+    """``<first ComfyUI loras folder>/<filename>.safetensors``; the name cannot leave that folder."""
+    import folder_paths
+
+    name = safe_name(filename, "filename")
+    if not name.lower().endswith(".safetensors"):
+        name += ".safetensors"
+    return Path(folder_paths.get_folder_paths("loras")[0]) / name
+
+
+class SaveLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LTX2AV_SaveLoRA",
+            display_name="LTX2AV Save LoRA",
+            category=CATEGORY_TRAIN,
+            description="Copies the trained LoRA into ComfyUI's loras folder, where LoraLoaderModelOnly finds it.",
+            inputs=[
+                LoRAType.Input("lora", tooltip="From LTX2AV Train LoRA."),
+                io.String.Input("filename", default="my_character_av", tooltip="File name in ComfyUI's loras folder (a plain name; .safetensors is added)."),
+            ],
+            outputs=[io.String.Output("path", tooltip="Where the LoRA was written.")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, lora, filename: str) -> io.NodeOutput:
+        source = Path(lora_payload(lora)["path"])
+        if not source.is_file():
+            raise FileNotFoundError(f"{source}: the LoRA file of this run is missing; train again")
+        target = lora_target(filename)
+        with atomic_path(target) as tmp:
+            shutil.copyfile(source, tmp)
+        log.info("LTX2AV Save LoRA: %s → %s", source, target)
+        return io.NodeOutput(str(target))

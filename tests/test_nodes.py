@@ -1,0 +1,537 @@
+"""ComfyUI tier: every node's ``execute`` on real ComfyUI objects (tiny LTXAV checkpoint, tiny video VAE, tiny
+audio VAE loaded by ComfyUI's own loader node, tiny Gemma text encoder), on a small synthesised dataset.
+
+Runs with ``COMFYUI_PATH`` pointing at a ComfyUI checkout whose requirements are installed; skipped otherwise.
+ComfyUI's folders (output, input, loras, checkpoints) are redirected to a temporary folder for the module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from ltx2_av_trainer.trainer.config import Config, ConfigError, TinyModelConfig
+
+pytestmark = pytest.mark.comfyui
+
+TINY = TinyModelConfig()
+CLIPS = 3
+FRAMES = 9
+SIZE = 64
+TOTAL_STEPS = 4
+STEPS_PER_QUEUE = 2
+NODE_ID = "17"
+
+# The node contract (docs: nodes_contract): id → (inputs, outputs), names in order.
+CONTRACT = {
+    "LTX2AV_LoadDataset": (["folder", "trigger", "caption_extension", "audio_dir", "target_fps", "frames", "width",
+                            "height", "with_audio", "validation_split", "kind", "repeats"], ["dataset"]),
+    "LTX2AV_DatasetDoctor": (["dataset", "strict", "listen_index"], ["report", "report_json", "audio"]),
+    "LTX2AV_ExtractAudio": (["file", "audio_stream"], ["audio"]),
+    "LTX2AV_CacheLatents": (["dataset", "model", "vae", "audio_vae", "clip", "cache_name", "decode_previews"],
+                            ["cache", "summary"]),
+    # audio_vae is an addition to the contract: a cache value holds folders, not model objects.
+    "LTX2AV_PreviewCachedAudio": (["cache", "index", "audio_vae"], ["audio"]),
+    "LTX2AV_TrainLoRA": (["model", "cache", "config", "steps_per_queue", "run_name"], ["lora", "loss_history"]),
+    "LTX2AV_SaveLoRA": (["lora", "filename"], ["path"]),
+    "LTX2AV_VerifyLoRAKeys": (["model", "lora", "lora_name"], ["report", "ok"]),
+    "LTX2AV_SampleAV": (["model", "clip", "vae", "audio_vae", "prompt", "seed", "steps", "frames", "width", "height",
+                         "guidance", "lora", "lora_name"], ["video_lora", "audio_lora", "video_base", "audio_base"]),
+}
+OUTPUT_TYPES = {
+    "dataset": "LTX2AV_DATASET", "cache": "LTX2AV_CACHE", "config": "LTX2AV_CONFIG", "lora": "LTX2AV_LORA",
+    "audio": "AUDIO", "report": "STRING", "report_json": "STRING", "summary": "STRING", "loss_history": "STRING",
+    "path": "STRING", "ok": "BOOLEAN", "video_lora": "IMAGE", "audio_lora": "AUDIO", "video_base": "IMAGE",
+    "audio_base": "AUDIO",
+}
+EVENT_KEYS = {"node", "step", "total", "loss_video", "loss_audio", "audio_weight", "step_time_s", "eta_s"}
+
+
+# ---- ComfyUI, its folders and the tiny objects ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def comfy_home(tmp_path_factory):
+    """ComfyUI importable from COMFYUI_PATH (CPU library mode), with its folders in a temporary folder."""
+    path = os.environ.get("COMFYUI_PATH")
+    if not path:
+        pytest.skip("COMFYUI_PATH is not set: point it at a ComfyUI checkout to run the ComfyUI tier (make test-comfyui)")
+    from ltx2_av_trainer.nodes.comfy_env import import_model_management
+
+    import_model_management(path)
+    import folder_paths
+
+    root = tmp_path_factory.mktemp("comfy_home")
+    folders = {name: root / name for name in ("output", "input", "loras", "checkpoints")}
+    for folder in folders.values():
+        folder.mkdir()
+    saved = (folder_paths.get_output_directory(), folder_paths.get_input_directory(),
+             folder_paths.folder_names_and_paths["loras"], folder_paths.folder_names_and_paths["checkpoints"])
+    folder_paths.set_output_directory(str(folders["output"]))
+    folder_paths.set_input_directory(str(folders["input"]))
+    folder_paths.folder_names_and_paths["loras"] = ([str(folders["loras"])], folder_paths.supported_pt_extensions)
+    folder_paths.folder_names_and_paths["checkpoints"] = ([str(folders["checkpoints"])], folder_paths.supported_pt_extensions)
+    try:
+        yield folders
+    finally:
+        folder_paths.set_output_directory(saved[0])
+        folder_paths.set_input_directory(saved[1])
+        folder_paths.folder_names_and_paths["loras"] = saved[2]
+        folder_paths.folder_names_and_paths["checkpoints"] = saved[3]
+
+
+@pytest.fixture(scope="module")
+def objects(comfy_home, tmp_path_factory):
+    """MODEL, VAE, audio VAE and CLIP as ComfyUI's loaders hand them to nodes (made inside inference mode)."""
+    import comfy.sd
+    import comfy_model_fixtures as fixtures
+    from comfy_fixtures import write_tiny_ltxav_checkpoint
+
+    folder = tmp_path_factory.mktemp("weights")
+    checkpoint = write_tiny_ltxav_checkpoint(folder, "2.0", TINY)
+    fixtures.write_tiny_audio_vae(comfy_home["checkpoints"])
+    video_vae = fixtures.write_tiny_video_vae(folder)
+    text_encoder = fixtures.write_tiny_text_encoder(folder, "2.0", TINY)
+    with torch.inference_mode():
+        return {
+            "model": comfy.sd.load_diffusion_model(str(checkpoint)),
+            "vae": fixtures.load_video_vae(video_vae),
+            "audio_vae": fixtures.load_audio_vae("tiny_ltx2_audio_vae.safetensors"),
+            "clip": fixtures.load_text_encoder(text_encoder, "2.0", TINY),
+        }
+
+
+@pytest.fixture(scope="module")
+def dataset(comfy_home):
+    from ltx2_av_trainer.nodes.data_nodes import LoadDataset
+    from ltx2_av_trainer.trainer.synth import make_demo_dataset
+
+    make_demo_dataset(comfy_home["input"] / "clips", clips_per_speaker=CLIPS, seconds=0.8, width=SIZE, height=SIZE)
+    with torch.inference_mode():
+        return LoadDataset.execute("clips", "ohwx", ".txt", "", 25.0, FRAMES, SIZE, SIZE, True, 0.0, "video", 1).args[0]
+
+
+@pytest.fixture(scope="module")
+def cache(objects, dataset):
+    from ltx2_av_trainer.nodes.data_nodes import CacheLatents
+
+    with torch.inference_mode():
+        return CacheLatents.execute(dataset, objects["model"], objects["vae"], objects["audio_vae"], objects["clip"],
+                                    "tiny_cache", True).args
+
+
+def training_config(**changes) -> dict:
+    from ltx2_av_trainer.nodes.config_widgets import training_widgets
+    from ltx2_av_trainer.nodes.train_nodes import TrainingConfig
+
+    widgets = {spec.name: spec.default for spec in training_widgets()}
+    widgets.update(train_steps=TOTAL_STEPS, train_mixed_precision="fp32", optimizer_lr=1e-3, network_rank=4,
+                   network_alpha=4.0, output_save_every=100)
+    widgets.update(changes)
+    with torch.inference_mode():
+        return TrainingConfig.execute(**widgets).args[0]
+
+
+class EventRecorder:
+    """Stands in for the running PromptServer's instance: records what the node sends to the browser."""
+
+    def __init__(self):
+        self.events: list[tuple[str, dict]] = []
+
+    def send_sync(self, event, data, sid=None):
+        self.events.append((event, data))
+
+    def steps(self) -> list[int]:
+        return [data["step"] for event, data in self.events if event == "ltx2av.train"]
+
+
+@pytest.fixture
+def events(comfy_home, monkeypatch):
+    import server
+
+    recorder = EventRecorder()
+    monkeypatch.setattr(server.PromptServer, "instance", recorder, raising=False)
+    return recorder
+
+
+def train_node():
+    """Train LoRA as ComfyUI executes it: a class clone that knows its node id."""
+    from comfy_api.latest import io
+
+    from ltx2_av_trainer.nodes.train_nodes import TrainLoRA
+
+    return TrainLoRA.PREPARE_CLASS_CLONE({"hidden_inputs": {io.Hidden.unique_id: NODE_ID}})
+
+
+def probe_output(model) -> torch.Tensor:
+    """The MODEL's video prediction for a fixed input (no gradients, as sampling calls it)."""
+    from ltx2_av_trainer.nodes.comfy_backend import ComfyDenoiser
+    from ltx2_av_trainer.trainer.backends.interface import DenoiserInput, TextContext
+
+    g = torch.Generator().manual_seed(3)
+    text = TextContext(torch.randn(1, 8, TINY.caption_channels, generator=g),
+                       torch.randn(1, 8, TINY.caption_channels, generator=g), torch.ones(1, 8, dtype=torch.long))
+    inputs = DenoiserInput(torch.randn(1, 128, 2, 2, 2, generator=g), torch.randn(1, 8, 10, 16, generator=g),
+                           torch.tensor([0.6]), torch.tensor([0.4]), text, 25.0)
+    with torch.no_grad():
+        return ComfyDenoiser(model, "2.0")(inputs)[0].clone()
+
+
+@pytest.fixture(scope="module")
+def trained(objects, cache, comfy_home):
+    """Two queues of Train LoRA on the loader's MODEL, inside torch.inference_mode(), with recorded events."""
+    import server
+
+    from ltx2_av_trainer.nodes.train_nodes import TrainLoRA, saved_step, run_folder
+
+    recorder = EventRecorder()
+    previous = getattr(server.PromptServer, "instance", None)
+    server.PromptServer.instance = recorder
+    config = training_config()
+    before = probe_output(objects["model"])
+    queues = []
+    try:
+        for _ in range(2):
+            fingerprint = TrainLoRA.fingerprint_inputs(steps_per_queue=STEPS_PER_QUEUE, run_name="two_queues")
+            start = len(recorder.events)
+            with torch.inference_mode():
+                out = train_node().execute(objects["model"], cache[0], config, STEPS_PER_QUEUE, "two_queues")
+            queues.append({"out": out, "events": [d for _, d in recorder.events[start:]], "fingerprint": fingerprint})
+    finally:
+        server.PromptServer.instance = previous
+    return {"queues": queues, "before": before, "after": probe_output(objects["model"]),
+            "run_dir": run_folder("two_queues"), "saved_step": saved_step(run_folder("two_queues"))}
+
+
+# ---- schema and docs -------------------------------------------------------------------------------------------
+
+
+def test_schemas_follow_the_contract(comfy_home):
+    from ltx2_av_trainer.nodes.extension import DOCS_DIR, LTX2AVTrainerExtension
+    from ltx2_av_trainer.nodes.types import CATEGORY
+
+    nodes = asyncio.run(LTX2AVTrainerExtension().get_node_list())
+    schemas = {node.GET_SCHEMA().node_id: node.GET_SCHEMA() for node in nodes}
+    assert set(schemas) == set(CONTRACT) | {"LTX2AV_TrainingConfig"}
+    for node_id, schema in schemas.items():
+        assert schema.category.startswith(CATEGORY + "/") and schema.description, node_id
+        assert all(i.tooltip for i in schema.inputs), f"{node_id}: an input has no tooltip"
+        assert (DOCS_DIR / f"{node_id}.md").read_text(encoding="utf-8").startswith("# "), node_id
+        if node_id in CONTRACT:
+            inputs, outputs = CONTRACT[node_id]
+            assert [i.id for i in schema.inputs] == inputs, node_id
+            assert [o.id for o in schema.outputs] == outputs, node_id
+            assert [o.io_type for o in schema.outputs] == [OUTPUT_TYPES[o] for o in outputs], node_id
+    optional = {(n, i.id) for n, s in schemas.items() for i in s.inputs if i.optional}
+    assert optional == {("LTX2AV_VerifyLoRAKeys", "lora"), ("LTX2AV_VerifyLoRAKeys", "lora_name"),
+                        ("LTX2AV_SampleAV", "lora"), ("LTX2AV_SampleAV", "lora_name")}
+    assert schemas["LTX2AV_TrainLoRA"].inputs[3].default == 100
+
+
+def test_help_pages_are_served_where_the_frontend_looks(comfy_home, tmp_path):
+    """The frontend fetches /extensions/<pack folder>/docs/<node id>.md; the pack's js/ folder is served at
+    /extensions/<pack folder>. Both routes as ComfyUI's server adds them (ours first), on a real aiohttp app."""
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from ltx2_av_trainer.nodes.extension import docs_route
+
+    (tmp_path / "chart.js").write_text("// js", encoding="utf-8")
+
+    async def fetch() -> list[tuple[int, str]]:
+        app = web.Application()
+        app.add_routes([docs_route("my-pack"), web.static("/extensions/my-pack", str(tmp_path))])
+        async with TestClient(TestServer(app)) as client:
+            results = []
+            for url in ("/extensions/my-pack/docs/LTX2AV_TrainLoRA.md", "/extensions/my-pack/chart.js",
+                        "/extensions/my-pack/docs/../../../etc/passwd"):
+                response = await client.get(url)
+                results.append((response.status, await response.text()))
+            return results
+
+    (docs_status, docs), (js_status, js), (escape_status, _) = asyncio.run(fetch())
+    assert docs_status == 200 and docs.startswith("# LTX2AV Train LoRA")
+    assert js_status == 200 and js == "// js"
+    assert escape_status in (403, 404)
+
+
+def test_training_config_covers_every_trainer_option(comfy_home):
+    import dataclasses
+
+    from ltx2_av_trainer.nodes.config_widgets import SET_ELSEWHERE, config_from_widgets, float_step, training_widgets
+
+    specs = training_widgets()
+    covered = {s.key for s in specs}
+    for section in dataclasses.fields(Config):
+        for field in dataclasses.fields(type(getattr(Config(), section.name))):
+            key = f"{section.name}.{field.name}"
+            assert key in covered or any(key == k or key.startswith(k + ".") for k in SET_ELSEWHERE), key
+    assert training_config(network_rank=32, network_alpha=32.0, optimizer_lr=1e-4, train_steps=2000,
+                           train_mixed_precision="bf16", output_save_every=250) == Config().to_dict()
+    assert training_config(network_include='["audio_ff\\\\.net\\\\.2$"]', timesteps_shift="0.5")["network"]["include"] == ["audio_ff\\.net\\.2$"]
+    assert training_config(timesteps_shift="0.5")["timesteps"]["shift"] == 0.5
+    values = {s.name: s.default for s in specs}
+    with pytest.raises(ConfigError, match="network_include: not valid JSON"):
+        config_from_widgets(values | {"network_include": "[oops"})
+    with pytest.raises(ConfigError, match="timesteps_shift: 'high' is not a number"):
+        config_from_widgets(values | {"timesteps_shift": "high"})
+    with pytest.raises(ConfigError, match="network.rank"):
+        config_from_widgets(values | {"network_rank": 0})
+    # The frontend rounds FLOAT widgets to their step's precision: small defaults must survive it.
+    for spec in specs:
+        if spec.kind == "FLOAT" and spec.default:
+            assert float_step(spec.default) <= abs(spec.default) / 10, spec.name
+
+
+# ---- data ------------------------------------------------------------------------------------------------------
+
+
+def test_load_dataset_names_what_is_wrong(comfy_home):
+    from ltx2_av_trainer.nodes.data_nodes import LoadDataset
+
+    with pytest.raises(ValueError, match="no_such_folder does not exist"):
+        LoadDataset.execute("no_such_folder", "ohwx", ".txt", "", 25.0, 9, 64, 64, True, 0.0, "video", 1)
+    with pytest.raises(ConfigError, match="dataset.frames"):
+        LoadDataset.execute("clips", "ohwx", ".txt", "", 25.0, 10, 64, 64, True, 0.0, "video", 1)
+
+
+def test_doctor_reports_and_plays_what_the_cache_will_encode(comfy_home, dataset):
+    from ltx2_av_trainer.nodes.data_nodes import DatasetDoctor, ExtractAudio
+
+    with torch.inference_mode():
+        report, report_json, audio = DatasetDoctor.execute(dataset, True, 1).args
+    items = json.loads(report_json)["items"]
+    assert len(items) == CLIPS and all(item["ok"] and item["has_audio"] for item in items)
+    assert all(Path(item["path"]).name in report for item in items)
+    assert f"listen_index 1: {items[1]['path']}" in report
+    assert audio["sample_rate"] == 16000 and audio["waveform"].shape == (1, 2, FRAMES * 16000 // 25)
+    assert audio["waveform"].abs().max() > 0.01  # the synthesised voice, not silence
+    with pytest.raises(ValueError, match=f"listen_index {CLIPS} is out of range"):
+        DatasetDoctor.execute(dataset, False, CLIPS)
+
+    source = ExtractAudio.execute(items[0]["path"], 0).args[0]
+    assert source["waveform"].shape[:2] == (1, 2) and source["sample_rate"] == 48000
+    assert abs(source["waveform"].shape[2] / 48000 - 0.8) < 0.05
+    with pytest.raises(ValueError, match="audio_stream=1 does not exist"):
+        ExtractAudio.execute(items[0]["path"], 1)
+
+
+def test_cache_holds_the_audio_posterior_mean_and_is_reused(comfy_home, objects, dataset, cache):
+    """The cached audio latent is ComfyUI's audio VAE posterior MEAN, normalised, in float32 (computed here
+    from ComfyUI's own components); a second queue reuses every entry."""
+    from ltx2_av_trainer.nodes.data_nodes import CacheLatents, dataset_config
+    from ltx2_av_trainer.trainer.cache import load_entry, manifest_entries
+    from ltx2_av_trainer.trainer.dataset import enumerate_dataset
+    from ltx2_av_trainer.trainer.pipeline import prepare_for_cache
+
+    payload, summary = cache
+    assert summary.splitlines()[0] == f"Audio latent caching: {CLIPS} encoded, 0 failed"
+    assert payload["summary"]["video_encoded"] == CLIPS and len(payload["summary"]["previews"]) == CLIPS
+    entries = manifest_entries(payload["cache_dir"])
+    assert len(entries) == CLIPS and all(e.has_audio for e in entries)
+
+    config = dataset_config(dataset)
+    item = next(i for i in enumerate_dataset(config.dataset) if str(i.media_path) == entries[0].media)
+    waveform = prepare_for_cache(item, config).audio[None]
+    audio_vae = objects["audio_vae"].first_stage_model
+    with torch.no_grad():
+        mel = audio_vae.preprocessor.waveform_to_mel(waveform, 16000, device="cpu")
+        mean, logvar = audio_vae.autoencoder.encode(mel).chunk(2, dim=1)
+        expected = audio_vae.normalizer.normalize(mean)
+    cached = load_entry(payload["cache_dir"], entries[0]).audio
+    assert cached.dtype == torch.float32 and logvar.exp().min() > 0
+    torch.testing.assert_close(cached, expected[0], rtol=1e-5, atol=1e-5)
+
+    with torch.inference_mode():
+        again, text = CacheLatents.execute(dataset, objects["model"], objects["vae"], objects["audio_vae"],
+                                           objects["clip"], "tiny_cache", False).args
+    assert again["summary"]["reused"] == CLIPS and again["summary"]["video_encoded"] == 0
+    with pytest.raises(ValueError, match="cache_name '../elsewhere' must be a plain name"):
+        CacheLatents.execute(dataset, objects["model"], objects["vae"], objects["audio_vae"], objects["clip"],
+                             "../elsewhere", False)
+
+
+def test_preview_cached_audio_decodes_the_entry(objects, cache):
+    from ltx2_av_trainer.nodes.data_nodes import PreviewCachedAudio
+    from ltx2_av_trainer.trainer.cache import manifest_entries
+
+    with torch.inference_mode():
+        audio = PreviewCachedAudio.execute(cache[0], 0, objects["audio_vae"]).args[0]
+    entry = manifest_entries(cache[0]["cache_dir"])[0]
+    decoded = (4 * entry.audio_shape[1] - 3) * 240  # T latents → 4T-3 mel frames → 240 samples each
+    assert audio["sample_rate"] == 24000
+    assert audio["waveform"].shape == (1, 2, min(decoded, round(entry.audio_valid_frames / 25 * 24000)))
+    assert torch.isfinite(audio["waveform"]).all()
+    with pytest.raises(ValueError, match=f"index {CLIPS} is out of range"):
+        PreviewCachedAudio.execute(cache[0], CLIPS, objects["audio_vae"])
+
+
+def test_text_encoder_and_connectors_of_ltx23_give_the_stream_widths(comfy_home, tmp_path):
+    """LTX-2.3: the dual video/audio projection, then the MODEL's connectors, give the context widths the
+    2.3 denoiser checks."""
+    import comfy.sd
+    import comfy_model_fixtures as fixtures
+    from comfy_fixtures import write_tiny_ltxav_checkpoint
+
+    from ltx2_av_trainer.nodes.comfy_backend import context_widths, ltxav_diffusion_model
+    from ltx2_av_trainer.nodes.comfy_encoders import encode_prompt
+
+    with torch.inference_mode():
+        model = comfy.sd.load_diffusion_model(str(write_tiny_ltxav_checkpoint(tmp_path, "2.3", TINY)))
+        clip = fixtures.load_text_encoder(fixtures.write_tiny_text_encoder(tmp_path, "2.3", TINY), "2.3", TINY)
+        text = encode_prompt(clip, model, "ohwx, a person speaks")
+    video_width, audio_width = context_widths(ltxav_diffusion_model(model))
+    assert (video_width, audio_width) == (32, 16)
+    assert text.video.shape == (1, 1024, video_width) and text.audio.shape == (1, 1024, audio_width)
+
+
+# ---- training --------------------------------------------------------------------------------------------------
+
+
+def test_two_queues_continue_one_run_and_leave_the_model_unchanged(trained):
+    first, second = trained["queues"]
+    lora, history_json = first["out"].args
+    assert lora["step"] == STEPS_PER_QUEUE and Path(lora["path"]).is_file()
+    assert lora["groups"] == ["a2v", "audio_attn", "v2a", "video_attn"]
+    assert [e["step"] for e in first["events"]] == [1, 2]
+    assert [e["step"] for e in second["events"]] == [3, 4]  # the second queue starts where the first stopped
+    for event in first["events"] + second["events"]:
+        assert set(event) == EVENT_KEYS and event["node"] == NODE_ID and event["total"] == TOTAL_STEPS
+        assert event["loss_audio"] is not None and event["eta_s"] >= 0
+    assert len(json.loads(history_json)) == STEPS_PER_QUEUE
+    assert first["out"].ui["ltx2av_history"] == first["events"]
+    # After the second queue the node's ui holds the whole run, for the chart after a page reload.
+    assert second["out"].ui["ltx2av_history"] == first["events"] + second["events"]
+    assert second["out"].args[0]["step"] == TOTAL_STEPS and trained["saved_step"] == TOTAL_STEPS
+    assert first["fingerprint"] != second["fingerprint"]  # ComfyUI re-executes the node on the next queue
+    assert [r["step"] for r in json.loads(second["out"].args[1])] == [1, 2, 3, 4]
+    # The adapter is gone and the base weights are as loaded: the MODEL predicts exactly as before.
+    torch.testing.assert_close(trained["after"], trained["before"], rtol=0, atol=0)
+
+
+def test_cancel_leaves_resumable_state_and_the_next_queue_resumes(objects, cache, events):
+    import comfy.model_management as mm
+    import comfy.utils
+
+    from ltx2_av_trainer.nodes.train_nodes import run_folder, saved_step
+
+    config = training_config(train_steps=6)
+    cancelled_at = []
+
+    def progress_hook(value, total, preview, node_id=None):
+        # What Cancel does in ComfyUI: the interrupt flag is set, and the progress hook raises it.
+        if value >= 2 and not cancelled_at:
+            cancelled_at.append(value)
+            mm.interrupt_current_processing(True)
+        mm.throw_exception_if_processing_interrupted()
+
+    previous = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(progress_hook)
+    try:
+        with torch.inference_mode(), pytest.raises(mm.InterruptProcessingException):
+            train_node().execute(objects["model"], cache[0], config, 4, "cancelled")
+    finally:
+        comfy.utils.set_progress_bar_global_hook(previous)
+    # The hook is throttled (100 ms); on a fast machine it may first see a later step.
+    stopped = cancelled_at[0]
+    assert 2 <= stopped < 4 and events.steps() == list(range(1, stopped + 1))
+    assert saved_step(run_folder("cancelled")) == stopped  # the state of the step that was running is saved
+
+    with torch.inference_mode():
+        lora, _ = train_node().execute(objects["model"], cache[0], config, 4, "cancelled").args
+    assert events.steps() == list(range(1, stopped + 1)) + list(range(stopped + 1, 7)) and lora["step"] == 6
+
+
+def test_a_changed_run_is_refused_with_the_comfyui_fix(objects, cache, trained):
+    with torch.inference_mode(), pytest.raises(Exception, match="use a new run_name"):
+        train_node().execute(objects["model"], cache[0], training_config(network_rank=8, train_steps=6), 2, "two_queues")
+
+
+# ---- save, verify, sample ----------------------------------------------------------------------------------------
+
+
+def test_saved_lora_loads_with_comfyui_key_map(comfy_home, objects, trained):
+    import comfy.lora
+    import comfy.utils
+
+    from ltx2_av_trainer.nodes.check_nodes import VerifyLoRAKeys
+    from ltx2_av_trainer.nodes.train_nodes import SaveLoRA
+
+    lora = trained["queues"][1]["out"].args[0]
+    path = Path(SaveLoRA.execute(lora, "character_av").args[0])
+    assert path == comfy_home["loras"] / "character_av.safetensors" and path.read_bytes() == Path(lora["path"]).read_bytes()
+    for bad in ("../x", "sub/x", "..", ""):
+        with pytest.raises(ValueError, match="filename"):
+            SaveLoRA.execute(lora, bad)
+    assert not (comfy_home["output"].parent / "x.safetensors").exists()
+
+    # ComfyUI's loader itself: every module of the file becomes a patch on the MODEL.
+    sd = comfy.utils.load_torch_file(str(path), safe_load=True)
+    patches = comfy.lora.load_lora(sd, comfy.lora.model_lora_keys_unet(objects["model"].model, {}), log_missing=False)
+    assert len(objects["model"].clone().add_patches(patches)) == len(sd) // 3  # down, up, alpha per module
+
+    with torch.inference_mode():
+        by_socket = VerifyLoRAKeys.execute(objects["model"], lora, None)
+        by_name = VerifyLoRAKeys.execute(objects["model"], None, "character_av.safetensors")
+    for result in (by_socket, by_name):
+        report, ok = result.args
+        assert ok and "0 keys not loaded" in report
+        assert "video_attn=16, audio_attn=16, a2v=8, v2a=8, video_ff=0, audio_ff=0" in report
+    with pytest.raises(ValueError, match="not both"):
+        VerifyLoRAKeys.execute(objects["model"], lora, "character_av.safetensors")
+    with pytest.raises(ValueError, match="no LoRA"):
+        VerifyLoRAKeys.execute(objects["model"], None, "(none)")
+
+
+def test_verify_names_unloaded_keys_and_refuses_missing_trained_groups(comfy_home, objects, trained):
+    from ltx2_av_trainer.nodes.check_nodes import VerifyLoRAKeys
+    from ltx2_av_trainer.trainer.export import METADATA_PREFIX, read_lora
+    from ltx2_av_trainer.trainer.io_utils import save_safetensors_atomic
+
+    tensors, metadata = read_lora(trained["queues"][1]["out"].args[0]["path"])
+    foreign = dict(tensors)
+    foreign["transformer.transformer_blocks.0.attn1.to_q.lora_A.weight"] = torch.zeros(4, 32)  # diffusers naming
+    save_safetensors_atomic(foreign, comfy_home["loras"] / "foreign.safetensors", metadata=metadata)
+    report, ok = VerifyLoRAKeys.execute(objects["model"], None, "foreign.safetensors").args
+    assert not ok and "transformer.transformer_blocks.0.attn1.to_q.lora_A.weight" in report
+
+    audio_dropped = {k: v for k, v in tensors.items() if ".audio_attn" not in k}
+    save_safetensors_atomic(audio_dropped, comfy_home["loras"] / "no_audio.safetensors", metadata=metadata)
+    assert "audio_attn" in metadata[METADATA_PREFIX + "groups"]
+    with pytest.raises(ValueError, match="trained audio_attn but ComfyUI applies nothing there"):
+        VerifyLoRAKeys.execute(objects["model"], None, "no_audio.safetensors")
+
+
+def test_sample_ab_with_and_without_the_lora(objects, trained):
+    from ltx2_av_trainer.nodes.check_nodes import SampleAV
+
+    lora = trained["queues"][1]["out"].args[0]
+    weights_before = {k: v.clone() for k, v in objects["model"].model.state_dict().items()}
+    with torch.inference_mode():
+        video_lora, audio_lora, video_base, audio_base = SampleAV.execute(
+            objects["model"], objects["clip"], objects["vae"], objects["audio_vae"], "ohwx, a person speaks", 5, 3,
+            FRAMES, SIZE, SIZE, 1.0, lora, "(none)").args
+    assert video_lora.shape == video_base.shape == (FRAMES, SIZE, SIZE, 3)
+    assert 0 <= float(video_lora.min()) and float(video_lora.max()) <= 1
+    for audio in (audio_lora, audio_base):
+        assert audio["sample_rate"] == 24000 and audio["waveform"].shape[:2] == (1, 2)
+        latents = math.ceil((1 + FRAMES * 16000 // 25 // 160) / 4)
+        assert audio["waveform"].shape[2] == (4 * latents - 3) * 240  # the vocoder's 240x of 4T-3 mel frames
+    assert not torch.equal(video_lora, video_base) and not torch.equal(audio_lora["waveform"], audio_base["waveform"])
+    # The LoRA went on a clone: the MODEL's weights are exactly as before.
+    for key, value in objects["model"].model.state_dict().items():
+        assert torch.equal(value, weights_before[key]), key
+    # Guidance above 1 adds the empty prompt as the negative (through the same text path).
+    with torch.inference_mode():
+        guided = SampleAV.execute(objects["model"], objects["clip"], objects["vae"], objects["audio_vae"],
+                                  "ohwx, a person speaks", 5, 1, FRAMES, SIZE, SIZE, 3.0, lora, "(none)").args
+    assert guided[0].shape == video_lora.shape and torch.isfinite(guided[0]).all()
+    with pytest.raises(ValueError, match="frames must be 8n\\+1"):
+        SampleAV.execute(objects["model"], objects["clip"], objects["vae"], objects["audio_vae"], "x", 0, 1, 10, SIZE,
+                         SIZE, 1.0, lora, "(none)")
