@@ -217,7 +217,16 @@ class CacheLatents(io.ComfyNode):
         config = dataset_config(dataset, cache={"dir": str(cache_dir)}, model={"version": version})
         encoders = ComfyEncoders(model, vae, audio_vae, clip)
         warnings: list[str] = []
-        report = cache_dataset(config, encoders, decode=decode_previews, warn=warnings.append)
+        import comfy.utils
+
+        bar: list = []
+
+        def on_item(done: int, total: int) -> None:
+            if not bar:
+                bar.append(comfy.utils.ProgressBar(total))
+            bar[0].update_absolute(done, total)
+
+        report = cache_dataset(config, encoders, decode=decode_previews, warn=warnings.append, on_item=on_item)
         summary = {k: v for k, v in report.items() if k != "warnings"} | {"warnings": warnings}
         return io.NodeOutput({"cache_dir": str(cache_dir), "config": config.to_dict(), "summary": summary},
                              cache_summary_text(summary))
