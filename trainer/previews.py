@@ -35,7 +35,7 @@ def round_trip_scores(source: np.ndarray, decoded: np.ndarray, rate: int = ROUND
     return {"log_mel_distance": float((mel_src - mel_dec).abs().mean()), "snr_db": float(snr), "seconds": length / rate}
 
 
-def _frames_uint8(video: torch.Tensor) -> np.ndarray:
+def frames_uint8(video: torch.Tensor) -> np.ndarray:
     """[3, F, H, W] in [-1, 1] → uint8 [F, H, W, 3] with even H and W."""
     frames = ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
     h, w = frames.shape[1] - frames.shape[1] % 2, frames.shape[2] - frames.shape[2] % 2
@@ -53,7 +53,7 @@ def write_cache_previews(config, encoders, cache_dir: Path, *, progress=None) ->
     for entry in manifest_entries(cache_dir):
         sample = load_entry(cache_dir, entry)
         row = {"id": entry.id, "media": entry.media, "has_audio": entry.has_audio}
-        frames = _frames_uint8(encoders.decode_video(sample.video[None].float())[0])
+        frames = frames_uint8(encoders.decode_video(sample.video[None].float())[0])
         audio = None
         if sample.audio is not None:
             waveform, rate = encoders.decode_audio(sample.audio[None])
@@ -114,7 +114,7 @@ def sample_and_write(config, denoiser, encoders, lora: Path | None, prompt: str,
     results = sample_ab(denoiser, network, request) if network is not None else {"base": sample_av(denoiser, request)}
     files = {}
     for name, (video_latent, audio_latent) in results.items():
-        video = _frames_uint8(encoders.decode_video(video_latent)[0])
+        video = frames_uint8(encoders.decode_video(video_latent)[0])
         waveform, rate = encoders.decode_audio(audio_latent)
         audio = waveform[0].float().cpu().numpy()
         wav = write_wav(out / f"{name}.wav", audio, rate)
