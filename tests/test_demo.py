@@ -65,6 +65,33 @@ def test_demo_samples_and_previews_are_playable_with_audio(demo_dir):
         assert set(row["round_trip"]) >= {"log_mel_distance", "snr_db"}
 
 
+def test_demo_ends_with_report_page_and_voice_scores(demo_dir):
+    report = json.loads((demo_dir / "report.json").read_text())
+    page = Path(report["report_html"])
+    assert page.is_file()
+    html = page.read_text(encoding="utf-8")
+    for section in ("Loss per modality", "Audio loss weight", "σ per modality", "Validation losses", "Voice identity score",
+                    "A/B samples", "Cache round trip", "Dataset doctor"):
+        assert section.lower() in html.lower(), section
+    voice = report["voice"]
+    assert set(voice) >= {"lora", "base", "gain", "reference_typical"}
+    assert 0 <= voice["lora"] <= 1 and 0 <= voice["base"] <= 1
+    assert voice["reference_typical"] > voice["lora"]  # noise from a random tiny model is far from the dataset voice
+    samples = json.loads((demo_dir / "samples" / "samples.json").read_text())
+    assert samples["voice"]["gain"] == pytest.approx(voice["gain"])
+
+
+def test_score_and_report_commands(demo_dir, capsys):
+    out = demo_dir / "score.json"
+    assert main(["score", str(demo_dir / "samples" / "lora.wav"), str(demo_dir / "data" / "deep_000.mp4"),
+                 "--cache", str(demo_dir / "cache"), "--json", str(out)]) == 0
+    scores = json.loads(out.read_text())["scores"]
+    assert scores[1]["similarity"] > scores[0]["similarity"]  # a dataset clip is closer to the dataset voice than noise
+    assert main(["report", str(demo_dir / "run")]) == 0
+    assert capsys.readouterr().out.strip().endswith("report.html")
+    assert main(["score", "x.wav"]) == 2  # no reference given: one clear line
+
+
 def test_second_cache_run_reuses_everything(demo_dir):
     from ltx2_av_trainer.trainer.demo import demo_config
     from ltx2_av_trainer.trainer.pipeline import build_headless_encoders, cache_dataset

@@ -1,6 +1,6 @@
 """``ltx2-av-trainer``: the headless command line on the same core as the ComfyUI nodes.
 
-Subcommands: demo, doctor, cache, train, verify, sample, bench. Every one takes ``--help``; those that write
+Subcommands: demo, doctor, cache, train, verify, sample, score, report, bench. Every one takes ``--help``; those that write
 a report take ``--json PATH``. Errors exit non-zero with one line saying what is wrong and what to do.
 """
 
@@ -95,6 +95,38 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_score(args) -> int:
+    from .voice_score import VoiceReference, score_file
+
+    if sum(bool(x) for x in (args.reference, args.cache, args.config)) != 1:
+        raise UserError("give exactly one of --reference JSON, --cache DIR or --config run.toml for the dataset voice")
+    if args.reference:
+        reference = VoiceReference.load(args.reference)
+    elif args.cache:
+        reference = VoiceReference.from_cache(args.cache)
+    else:
+        reference = VoiceReference.from_dataset(_load_config(args).dataset)
+    if args.save_reference:
+        reference.save(args.save_reference)
+    rows = []
+    for path in args.files:
+        score = score_file(path, reference)
+        rows.append({"file": str(path), **score.to_dict()})
+        note = "" if score.speech_detected else "  (no speech detected: the score means little)"
+        print(f"{score.similarity:.3f}  {path}{note}")
+    print(f"reference: {reference.typical_similarity:.3f} is how the dataset's own clips score against it")
+    _write_json(args.json, {"reference_typical": reference.typical_similarity, "scores": rows})
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report_html import write_training_report
+
+    page = write_training_report(Path(args.run_dir), doctor_json=args.doctor_json, cache_dir=args.cache_dir, samples_dir=args.samples_dir)
+    print(page)
+    return 0
+
+
 def cmd_bench(args) -> int:
     from .bench import cmd_bench as run
 
@@ -153,6 +185,22 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.set_defaults(func=cmd_sample)
 
+    p = sub.add_parser("score", help="voice identity score of audio/video files against a dataset's voice (Resemblyzer)")
+    p.add_argument("files", nargs="+", help="audio or video files to score")
+    p.add_argument("--reference", help="a saved reference (JSON written by --save-reference)")
+    p.add_argument("--cache", help="build the reference from the source clips of this cache folder")
+    p.add_argument("--save-reference", metavar="PATH", help="also save the reference as JSON for later runs")
+    common(p)
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("report", help="write the HTML training report of a run directory (offline page)")
+    p.add_argument("run_dir", help="the run directory (output.dir)")
+    p.add_argument("--doctor-json", help="doctor report JSON to include (default: run_dir/doctor.json)")
+    p.add_argument("--cache-dir", help="cache folder for the round-trip scores (default: from the run's config)")
+    p.add_argument("--samples-dir", help="folder with A/B samples (default: run_dir/samples)")
+    p.add_argument("--quiet", action="store_true", help="print only errors")
+    p.set_defaults(func=cmd_report)
+
     from .bench_cli import add_bench_arguments
 
     p = sub.add_parser("bench", help="time our training step against a plain diffusers + peft loop (same model, same work)")
@@ -166,22 +214,30 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, UserError, FileNotFoundError) as exc:
+    except (ConfigError, UserError, FileNotFoundError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: resumable state was saved; run the same command again to continue", file=sys.stderr)
         return 130
     except Exception as exc:  # last resort: still one clear line, the traceback only on request
-        from .loop import TrainingError
-
-        if isinstance(exc, TrainingError):
+        if _is_reported_error(exc):
             print(f"error: {exc}", file=sys.stderr)
             return 1
         if args.debug:
             raise
         print(f"error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1
+
+
+def _is_reported_error(exc: Exception) -> bool:
+    """Errors whose message already says what is wrong and what to do."""
+    from .loop import TrainingError
+    from .media.probe import MediaError
+    from .report_html import ReportError
+    from .voice_score import VoiceScoreError
+
+    return isinstance(exc, (TrainingError, MediaError, ReportError, VoiceScoreError))
 
 
 if __name__ == "__main__":

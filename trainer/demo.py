@@ -99,6 +99,10 @@ def run_demo(out: Path, *, steps: int | None = None, version: str = "2.0", quiet
                                out / "samples", seed=1, steps=12, network=network)
     stage("sample", t0)
 
+    t0 = time.monotonic()
+    voice = score_demo_samples(out, samples, quiet=quiet)
+    stage("voice score", t0)
+
     metrics = read_jsonl(result.run_dir / "metrics.jsonl")
     report = {
         "ok": bool(verify.ok and cache["audio_failed"] == 0 and result.completed),
@@ -111,9 +115,14 @@ def run_demo(out: Path, *, steps: int | None = None, version: str = "2.0", quiet
         "trends": loss_trends(metrics),
         "verify": verify.to_dict(),
         "samples": samples,
+        "voice": voice,
         "timings_s": timings,
         "total_s": round(time.monotonic() - started, 1),
     }
+    t0 = time.monotonic()
+    report["report_html"] = write_report_page(out, result.run_dir, quiet=quiet)
+    stage("report page", t0)
+    report["total_s"] = round(time.monotonic() - started, 1)
     atomic_write_json(out / "report.json", report)
     if not quiet:
         t = report["trends"]
@@ -121,6 +130,41 @@ def run_demo(out: Path, *, steps: int | None = None, version: str = "2.0", quiet
               f"{t['audio_last']:.3f}; σ_a differs from σ_v by > 0.05 in {100 * t['sigma_differs_fraction']:.0f} % of steps")
         print(f"[demo] report: {out / 'report.json'} ({report['total_s']} s)")
     return report
+
+
+def score_demo_samples(out: Path, samples: dict, *, quiet: bool) -> dict:
+    """Voice identity score of the A/B samples against the dataset's voice (mean embedding of its speech)."""
+    from .voice_score import VoiceReference, VoiceScoreError, score_ab_files
+
+    try:
+        reference = VoiceReference.from_cache(out / "cache")
+        gain = score_ab_files(out / "samples" / "lora.wav", out / "samples" / "base.wav", reference)
+    except (ImportError, VoiceScoreError) as exc:
+        if not quiet:
+            print(f"[demo] no voice score: {exc}")
+        return {"error": str(exc)}
+    voice = {**gain.to_dict(), "reference_typical": reference.typical_similarity}
+    samples["voice"] = gain.to_dict()
+    atomic_write_json(out / "samples" / "samples.json", samples)
+    if not quiet:
+        print(f"[demo] voice score vs the dataset voice: LoRA {gain.lora:.3f}, base {gain.base:.3f} (gain {gain.gain:+.3f}; "
+              f"the dataset's own clips score {reference.typical_similarity:.3f}). The tiny random model makes noise, "
+              "so these scores say little here; on a real model they show whether the voice was learned.")
+    return voice
+
+
+def write_report_page(out: Path, run_dir: Path, *, quiet: bool) -> str | None:
+    from .report_html import ReportError, write_training_report
+
+    try:
+        page = write_training_report(run_dir, doctor_json=out / "doctor.json", cache_dir=out / "cache", samples_dir=out / "samples")
+    except ReportError as exc:
+        if not quiet:
+            print(f"[demo] no report page: {exc}")
+        return None
+    if not quiet:
+        print(f"[demo] training report: {page}")
+    return str(page)
 
 
 def loss_trends(metrics: list[dict], window: int = 50) -> dict:
