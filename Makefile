@@ -25,7 +25,8 @@ test: $(STAMP)
 test-comfyui: $(STAMP)
 	@test -n "$(COMFYUI_PATH)" || { echo "set COMFYUI_PATH to a ComfyUI checkout"; exit 2; }
 	$(BIN)/python -m pip install --quiet -r $(COMFYUI_PATH)/requirements.txt -c requirements-dev.txt
+	@test -x /usr/bin/chromium || echo "note: /usr/bin/chromium missing: tests/test_browser.py is skipped (apt-get install -y chromium)"
 	$(BIN)/python -m pytest -q -m comfyui
 
 clean:
-	rm -rf $(VENV) demo_out .pytest_cache
+	rm -rf $(VENV) demo_out .pytest_cache tests/artifacts
