@@ -1,30 +1,32 @@
-"""LoRA adapters that leave the base model untouched.
+"""Adapters (LoRA, DoRA, LoKr, LoHa) that leave the base model untouched.
 
 Why our own small implementation rather than an adapter library: the adapter must run on whatever
 forward the host model's Linear layers have — ComfyUI's cast-and-offload ops, fp8 checkpoints,
-torchao-quantised weights — without ever reading or merging ``.weight``. Each adapted Linear keeps its
-name and its own forward; we only wrap the forward of that instance:
-``y = base(x) + (alpha / rank) · up(down(dropout(x)))``. PEFT renames modules (``to_q.base_layer``),
-and LyCORIS by default merges the delta into ``org_module.weight`` on every call and selects targets
-through class-level global presets, which would leak between two trainings in one ComfyUI process.
+torchao-quantised weights — without ever writing or merging ``.weight``. Each adapted Linear keeps its
+name and its own forward; we only wrap the forward of that instance (the per-type math is in
+``networks/layers.py``; LoRA: ``y = base(x) + (alpha / rank) · up(down(dropout(x)))``). PEFT renames
+modules (``to_q.base_layer``), and LyCORIS by default merges the delta into ``org_module.weight`` on every
+call and selects targets through class-level global presets, which would leak between two trainings in
+one ComfyUI process.
 
-Targets are chosen by presets (regexes over reference module paths) plus include/exclude regexes.
-``to_gate_logits`` (LTX-2.3) is never adapted: LoRAs there produce NaN gates and black video.
+Targets are chosen by presets (regexes over reference module paths) plus include/exclude regexes, and
+optionally the text connectors (``network.connectors``). ``to_gate_logits`` (LTX-2.3) is never adapted:
+LoRAs there produce NaN gates and black video. Module dropout skips a whole adapted layer for one forward.
 """
 
 from __future__ import annotations
 
-import math
+import contextlib
 import re
 import warnings
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import ConfigError, NetworkConfig
+from .networks.layers import AdapterLayer, detect_type, layer_from_file, make_layer
 
 _QKVO = r"(to_q|to_k|to_v|to_out\.0)"
 _VIDEO_ATTN = r"(attn1|attn2)"
@@ -94,42 +96,17 @@ def select_targets(
     return chosen
 
 
-class LoRALayer(nn.Module):
-    """The trainable pair for one Linear. ``down`` [rank, in] is Kaiming-initialised, ``up`` [out, rank]
-    starts at zero so the adapted model starts exactly at the base model."""
-
-    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float, dropout: float, generator: torch.Generator):
-        super().__init__()
-        self.rank = rank
-        self.alpha = float(alpha)
-        self.down = nn.Parameter(torch.empty(rank, in_features))
-        self.up = nn.Parameter(torch.zeros(out_features, rank))
-        bound = 1.0 / math.sqrt(in_features)  # kaiming_uniform(a=√5) bound, as nn.Linear uses
-        with torch.no_grad():
-            self.down.uniform_(-bound, bound, generator=generator)
-        self.dropout = dropout
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
-
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.to(self.down.dtype)
-        if self.dropout > 0 and self.training:
-            h = F.dropout(h, p=self.dropout)
-        return F.linear(F.linear(h, self.down), self.up) * self.scale
-
-
 @dataclass
 class _Attachment:
     module: nn.Module
-    layer: LoRALayer
+    layer: AdapterLayer
 
 
 class LoRANetwork(nn.Module):
-    """All LoRA layers of one training run, keyed by reference module path."""
+    """All adapter layers of one training run (of one ``network.type``), keyed by reference module path."""
 
-    def __init__(self, paths_and_modules: list[tuple[str, nn.Module]], net: NetworkConfig):
+    def __init__(self, paths_and_modules: list[tuple[str, nn.Module]], net: NetworkConfig, make_for_path=None):
+        """``make_for_path(path, module)`` builds a layer per module (loading a file); default: from ``net``."""
         super().__init__()
         self.net_config = net
         generator = torch.Generator().manual_seed(net.init_seed)
@@ -137,11 +114,12 @@ class LoRANetwork(nn.Module):
         self.paths: dict[str, str] = {}  # ModuleDict key → reference path
         self._attached: dict[str, _Attachment] = {}
         self.multiplier = 1.0
+        self.module_dropout = net.module_dropout
         for path, module in paths_and_modules:
             if not isinstance(module, nn.Linear):
-                raise ConfigError(f"network: {path} is a {type(module).__name__}, only Linear layers can take a LoRA")
+                raise ConfigError(f"network: {path} is a {type(module).__name__}, only Linear layers can take an adapter")
             key = path.replace(".", "__")
-            self.layers[key] = LoRALayer(module.in_features, module.out_features, net.rank, net.alpha, net.dropout, generator)
+            self.layers[key] = make_layer(module, net, generator) if make_for_path is None else make_for_path(path, module)
             self.paths[key] = path
             self._attached[key] = _Attachment(module, self.layers[key])
 
@@ -167,65 +145,114 @@ class LoRANetwork(nn.Module):
         """0 switches the adapter off (base model), 1 is the trained strength."""
         self.multiplier = float(value)
 
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """The base model for the duration (preservation and audio-DOP targets)."""
+        previous = self.multiplier
+        self.multiplier = 0.0
+        try:
+            yield
+        finally:
+            self.multiplier = previous
+
     # ---- views ----------------------------------------------------------------------------------
 
-    def named_layers(self) -> Iterable[tuple[str, LoRALayer]]:
+    def named_layers(self) -> Iterable[tuple[str, AdapterLayer]]:
         for key, layer in self.layers.items():
             yield self.paths[key], layer
+
+    def file_tensors(self, prefix: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Every layer's tensors under ``<prefix><reference path><suffix>``, in ComfyUI's layout for the type."""
+        tensors = {}
+        for path, layer in self.named_layers():
+            for suffix, tensor in layer.file_tensors().items():
+                tensors[prefix + path + suffix] = tensor.detach().to("cpu", dtype).contiguous()
+        return tensors
 
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
 
-def _make_forward(base_forward, layer: LoRALayer, network: LoRANetwork):
+def _make_forward(base_forward, layer: AdapterLayer, network: LoRANetwork):
     def forward(x, *args, **kwargs):
-        out = base_forward(x, *args, **kwargs)
         if network.multiplier == 0.0:
-            return out
-        return out + (layer.delta(x) * network.multiplier).to(out.dtype)
+            return base_forward(x, *args, **kwargs)
+        if network.module_dropout > 0 and layer.training and float(torch.rand(())) < network.module_dropout:
+            return base_forward(x, *args, **kwargs)  # module dropout: this layer is the base layer this time
+        return layer.adapted_forward(base_forward, x, args, kwargs, network.multiplier)
 
     return forward
 
 
-def build_lora(denoiser, net: NetworkConfig, *, with_audio: bool) -> LoRANetwork:
+CONNECTOR_PATTERNS = {
+    "audio": re.compile(r"^audio_embeddings_connector\."),
+    "video_audio": re.compile(r"^(video|audio)_embeddings_connector\."),
+}
+
+
+def select_connector_targets(module_paths: Iterable[str], net: NetworkConfig) -> list[str]:
+    """Connector Linear layers to adapt for ``network.connectors`` (include/exclude apply too)."""
+    if net.connectors == "off":
+        return []
+    pattern = CONNECTOR_PATTERNS[net.connectors]
+    excludes = [re.compile(p) for p in net.exclude]
+    chosen = [p for p in module_paths if pattern.search(p) and not any(e.search(p) for e in excludes)]
+    if not chosen:
+        raise ConfigError(f"network.connectors = {net.connectors!r} selects no connector module")
+    return chosen
+
+
+def build_lora(denoiser, net: NetworkConfig, *, with_audio: bool, connectors=None) -> LoRANetwork:
+    """The adapter network on the denoiser's targets (and the text connectors' when ``network.connectors``
+    is on; ``connectors`` is a ``ConnectorStack``), attached."""
     modules = dict(denoiser.adaptable_modules())
     targets = select_targets(modules.keys(), net, with_audio=with_audio)
-    network = LoRANetwork([(p, modules[p]) for p in targets], net)
+    pairs = [(p, modules[p]) for p in targets]
+    if net.connectors != "off":
+        if connectors is None:
+            raise ConfigError(
+                f"network.connectors = {net.connectors!r} needs the text connectors and pre-connector text features "
+                "(headless diffusers backend: the pipeline passes them). The ComfyUI nodes cannot train the connectors "
+                "(ComfyUI runs them inside the text encoder); set network.connectors = \"off\""
+            )
+        if not with_audio:
+            raise ConfigError("network.connectors: a video-only run does not adapt connectors (no audio supervision); set it to \"off\"")
+        connector_modules = dict(connectors.adaptable_modules())
+        pairs += [(p, connector_modules[p]) for p in select_connector_targets(connector_modules.keys(), net)]
+    network = LoRANetwork(pairs, net)
     network.attach()
     return network
 
 
-def load_lora_file(denoiser, path, *, multiplier: float = 1.0) -> LoRANetwork:
-    """Attach a LoRA file (our export or any ``diffusion_model.<path>.lora_down/up`` file) to ``denoiser``
-    for sampling. Rank and alpha are read per module from the file."""
-    from .export import KEY_PREFIX, read_lora, split_lora_key
+def load_lora_file(denoiser, path, *, multiplier: float = 1.0, connectors=None) -> LoRANetwork:
+    """Attach an adapter file (our export, or any ``diffusion_model.<path>`` LoRA / DoRA / LoKr / LoHa file
+    in ComfyUI's keys) to ``denoiser`` (and ``connectors`` for connector keys) for sampling. Type, rank,
+    alpha and the LoKr split are read per module from the file."""
+    from .networks.files import group_file_tensors, read_adapter_file
 
-    tensors, _ = read_lora(path)
+    tensors, _ = read_adapter_file(path)
     modules = dict(denoiser.adaptable_modules())
-    grouped: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        parsed = split_lora_key(key)
-        if parsed is None:
-            continue
-        grouped.setdefault(parsed[0], {})[parsed[1]] = tensor
+    if connectors is not None:
+        modules.update(connectors.adaptable_modules())
+    grouped = group_file_tensors(tensors)
+    if not grouped:
+        raise ConfigError(f"{path}: no adapter tensors (lora_down/up, lokr_*, hada_*) found")
     unknown = sorted(p for p in grouped if p not in modules)
     if unknown:
-        raise ConfigError(f"{path}: {len(unknown)} LoRA modules are not in this model (first: {unknown[0]}); "
+        hint = " (text-connector modules: pass the connectors)" if any("embeddings_connector" in p for p in unknown) else ""
+        raise ConfigError(f"{path}: {len(unknown)} adapter modules are not in this model (first: {unknown[0]}){hint}; "
                           "was it trained for another model version?")
-    ranks = {p: t[".lora_down.weight"].shape[0] for p, t in grouped.items() if ".lora_down.weight" in t}
-    if not ranks:
-        raise ConfigError(f"{path}: no lora_down/lora_up tensors found")
-    rank = next(iter(ranks.values()))
-    net = NetworkConfig(rank=rank, alpha=float(rank))
-    network = LoRANetwork([(p, modules[p]) for p in ranks], net)
-    with torch.no_grad():
-        for key, layer in network.layers.items():
-            entry = grouped[network.paths[key]]
-            if entry[".lora_down.weight"].shape[0] != layer.rank:
-                raise ConfigError(f"{path}: mixed ranks are not supported for sampling ({network.paths[key]})")
-            layer.down.copy_(entry[".lora_down.weight"].float())
-            layer.up.copy_(entry[".lora_up.weight"].float())
-            layer.alpha = float(entry[".alpha"].item()) if ".alpha" in entry else float(layer.rank)
+
+    def make_for_path(module_path: str, module: nn.Module) -> AdapterLayer:
+        try:
+            return layer_from_file(module, grouped[module_path])
+        except (ValueError, KeyError) as exc:
+            raise ConfigError(f"{path}: {module_path}: {exc}") from None
+
+    kinds = sorted({detect_type(set(t)) for t in grouped.values()})
+    first = next(iter(grouped.values()))
+    net = NetworkConfig(type=kinds[0], rank=1, alpha=float(first[".alpha"].item()) if ".alpha" in first else 1.0)
+    network = LoRANetwork([(p, modules[p]) for p in grouped], net, make_for_path)
     network.set_multiplier(multiplier)
     network.attach()
     return network

@@ -104,9 +104,15 @@ class ModelConfig:
 
 @dataclass
 class NetworkConfig:
-    type: Literal["lora"] = opt("lora", "Adapter type.")
+    type: Literal["lora", "dora", "lokr", "loha"] = opt(
+        "lora",
+        "Adapter type; every type exports keys ComfyUI loads. lora: up·down, rank r. dora: LoRA plus a learned magnitude "
+        "per input column (weight-decomposed; reads the base weight for its norm, never writes it; often better at the "
+        "same rank, try lr 5e-5). lokr: Kronecker product w1 ⊗ w2 (w2 low-rank when rank < half its size; far fewer "
+        "parameters). loha: Hadamard product of two rank-r pairs (rank² expressiveness, more memory per step).",
+    )
     rank: int = opt(32, "LoRA rank (32 is enough for a face and a voice; 64-128 for hard voices).")
-    alpha: float = opt(32.0, "LoRA alpha; the update is scaled by alpha/rank.")
+    alpha: float = opt(32.0, "LoRA alpha; the update is scaled by alpha/rank (lokr: only when w2 is factored, as ComfyUI applies it).")
     preset: Literal["av", "audio", "voice", "video", "v2v", "full"] = opt(
         "av",
         "Target modules. av: q/k/v/out of all six attentions (official AV recipe). audio: audio attentions + audio FF. "
@@ -115,17 +121,38 @@ class NetworkConfig:
     )
     include: list[str] = opt([], "Extra regular expressions on module paths to adapt (e.g. 'audio_ff\\.net\\.2$').")
     exclude: list[str] = opt([], "Regular expressions on module paths never to adapt (applied after include).")
-    dropout: float = opt(0.0, "Dropout on the LoRA input (0.0-0.1 helps small datasets).")
-    init_seed: int = opt(0, "Seed of the LoRA down-projection initialisation.")
+    dropout: float = opt(0.0, "Dropout on the adapter input (0.0-0.1 helps small datasets).")
+    rank_dropout: float = opt(0.0, "Probability of zeroing each rank channel (lora/dora) or output row (lokr/loha) of the update per sample; the rest is rescaled. 0.1 curbs overfitting at rank 32+.")
+    module_dropout: float = opt(0.0, "Probability of skipping a whole adapted module for one forward pass (0 = off; 0.0-0.1).")
+    lokr_factor: int = opt(-1, "lokr: split each dimension as factor x rest (-1 = as square as possible, as LyCORIS and ComfyUI do).")
+    connectors: Literal["off", "audio", "video_audio"] = opt(
+        "off",
+        "Also adapt the text connectors (text → audio/video adaptation). Needs pre-connector text features in the cache and "
+        "the diffusers backend; the ComfyUI nodes keep it off (ComfyUI runs the connectors in its text encoder).",
+    )
+    init_seed: int = opt(0, "Seed of the adapter initialisation.")
 
 
 @dataclass
 class OptimizerConfig:
-    name: Literal["adamw"] = opt("adamw", "Optimizer.")
-    lr: float = opt(1e-4, "Learning rate (1e-4 for LoRA rank 32).")
-    weight_decay: float = opt(0.0, "AdamW weight decay.")
-    betas: list[float] = opt([0.9, 0.999], "AdamW betas.")
-    eps: float = opt(1e-8, "AdamW epsilon.")
+    name: Literal["adamw", "adamw8bit", "prodigy", "schedule_free_adamw"] = opt(
+        "adamw",
+        "Optimizer. adamw: torch AdamW. adamw8bit: bitsandbytes 8-bit AdamW (CUDA only; pip install bitsandbytes). "
+        "prodigy: learning-rate-free Adam (pip install prodigyopt; set lr = 1.0; one rate for all modules). "
+        "schedule_free_adamw: schedule-free AdamW (pip install schedulefree; use schedule.name = constant or "
+        "constant_with_warmup; exports and validation use its averaged weights).",
+    )
+    lr: float = opt(1e-4, "Learning rate (1e-4 for LoRA rank 32; 1.0 for prodigy).")
+    audio_lr: float | None = opt(None, "Learning rate of the audio modules (audio attentions, audio FF and both cross-modal attentions); unset = lr.")
+    lr_overrides: list[str] = opt(
+        [],
+        "Per-module learning rates as 'regex=lr' (searched in the module path, first match wins), e.g. "
+        "'audio_attn=1e-6'. Priority: lr_overrides > audio_lr > lr.",
+    )
+    loraplus_ratio: float = opt(1.0, "LoRA+: the zero-initialised factor of each adapter (lora/dora up, loha hada_w2_a, lokr w2 or w2_b) trains at its group's lr x this ratio (1 = off; 16 is the paper's value).")
+    weight_decay: float = opt(0.0, "Weight decay (decoupled).")
+    betas: list[float] = opt([0.9, 0.999], "Adam betas.")
+    eps: float = opt(1e-8, "Adam epsilon.")
 
 
 @dataclass
@@ -172,6 +199,68 @@ class LossConfig:
     inv_freq_beta: float = opt(0.01, "inv_freq: EMA rate of the observed audio-batch frequency.")
     inv_freq_eps: float = opt(0.05, "inv_freq: floor of the frequency in the denominator.")
     min_snr_gamma: float = opt(0.0, "Must stay 0: Min-SNR weighting does not exist for flow matching.")
+    caption_dropout: float = opt(0.0, "Probability per sample of training without text (both contexts and the mask zeroed), for CFG at inference (0.05 is typical).")
+    caption_dropout_video: float = opt(0.0, "Probability per sample of zeroing only the video text context (the mask is shared and stays).")
+    caption_dropout_audio: float = opt(0.0, "Probability per sample of zeroing only the audio text context (the mask is shared and stays).")
+    noise_offset: float = opt(0.0, "Video noise offset: adds offset·N(0,1) per sample and latent channel, constant over frames and pixels (0.05 widens the dynamic range).")
+    audio_noise_offset: float = opt(0.0, "Audio noise offset: offset·N(0,1) per sample, latent channel and mel bin, constant over time.")
+
+
+@dataclass
+class AudioConfig:
+    """Batches without audio, audio-aware sampling and the audio supervision monitor."""
+
+    missing_audio: Literal["skip", "silence", "audio_dop"] = opt(
+        "skip",
+        "What an audio-free batch (image, silent clip, clip whose audio failed) does to the audio branch. skip: nothing "
+        "(audio and cross-modal attention are off for it; no extra cost). silence: train the audio branch towards the "
+        "audio VAE's encoded silence with weight silence_weight (no extra forward). audio_dop: keep the LoRA's audio "
+        "prediction on silence equal to the base model's (+2 forwards, +1 backward on audio-free batches only). "
+        "Never trains towards zero latents.",
+    )
+    silence_weight: float = opt(0.5, "Loss weight of the silence target (missing_audio = silence).")
+    audio_dop_multiplier: float = opt(0.5, "Loss weight of audio DOP (missing_audio = audio_dop); 0.3-1.0.")
+    batch_probability: float | None = opt(
+        None, "Chance of drawing an audio batch whenever audio and audio-free batches are both left (unset = their natural share). Excludes min_batches_per_accum."
+    )
+    min_batches_per_accum: int = opt(
+        0, "At least this many audio micro-batches in every gradient-accumulation window (0 = off; <= train.gradient_accumulation). Excludes batch_probability."
+    )
+    bucket_strategy: Literal["pad", "truncate"] = opt(
+        "pad",
+        "pad: audio keeps the clip's length, missing tail masked in the loss. truncate: audio cut to its valid length "
+        "floored to a multiple of bucket_interval_seconds (clips shorter than one interval keep all their valid audio); "
+        "no padding, no mask.",
+    )
+    bucket_interval_seconds: float = opt(1.0, "truncate: audio lengths are floored to multiples of this many seconds.")
+    supervision_mode: Literal["off", "warn", "error"] = opt(
+        "warn",
+        "Audio supervision monitor: checks that enough batches of an audio run train on real audio. warn: print the "
+        "cause; error: stop training with it (no audio in the cache, failed audio decodes, or a sampler starving audio).",
+    )
+    supervision_warmup: int = opt(50, "Micro-batches before the first supervision check.")
+    supervision_interval: int = opt(50, "Micro-batches between supervision checks.")
+    supervision_min_ratio: float = opt(0.5, "Lowest acceptable share of micro-batches trained on real audio (0-1).")
+
+
+@dataclass
+class PreservationConfig:
+    """Regularisers that keep the LoRA from changing what it should not (each costs extra passes)."""
+
+    dop: bool = opt(False, "Differential output preservation: the LoRA's prediction for the class prompt must match the base model's (+2 forwards, +1 backward per micro-batch).")
+    dop_class_prompt: str = opt("", "The class prompt for dop, without the trigger word (e.g. 'a woman speaking').")
+    dop_multiplier: float = opt(1.0, "Loss weight of dop (0.5-1.0).")
+    blank: bool = opt(False, "Blank-prompt preservation: the LoRA's prediction for the empty prompt (the CFG baseline) must match the base model's (+2 forwards, +1 backward per micro-batch).")
+    blank_multiplier: float = opt(1.0, "Loss weight of blank-prompt preservation (0.5-1.0).")
+    prior_divergence: bool = opt(False, "Push the LoRA's prediction on the training prompt away from the base model's, against timid LoRAs (+1 forward, no extra backward). Unbounded: keep the multiplier small.")
+    prior_divergence_multiplier: float = opt(0.1, "Weight of prior divergence (0.05-0.1).")
+
+
+@dataclass
+class ValidationConfig:
+    every_steps: int = opt(100, "Validation loss every N optimizer steps and at the end, when the cache holds validation items (0 = never).")
+    sigmas: list[float] = opt([0.1, 0.3, 0.5, 0.7, 0.9], "The fixed noise levels of the validation loss (each item is scored at every σ, both modalities).")
+    seed: int = opt(0, "Seed of the validation noise (the same noise at every validation).")
 
 
 @dataclass
@@ -214,6 +303,9 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     timesteps: TimestepConfig = field(default_factory=TimestepConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    preservation: PreservationConfig = field(default_factory=PreservationConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -281,8 +373,19 @@ class Config:
         _require(n.rank >= 1, "network.rank", "must be >= 1")
         _require(n.alpha > 0, "network.alpha", "must be > 0")
         _require(0.0 <= n.dropout < 1.0, "network.dropout", "must be in [0, 1)")
-        _require(self.optimizer.lr > 0, "optimizer.lr", "must be > 0")
-        _require(len(self.optimizer.betas) == 2, "optimizer.betas", "must be two numbers, e.g. [0.9, 0.999]")
+        _require(0.0 <= n.rank_dropout < 1.0, "network.rank_dropout", "must be in [0, 1)")
+        _require(0.0 <= n.module_dropout < 1.0, "network.module_dropout", "must be in [0, 1)")
+        _require(n.lokr_factor == -1 or n.lokr_factor >= 1, "network.lokr_factor", "must be -1 (automatic) or >= 1")
+        self._validate_optimizer()
+        self._validate_audio()
+        self._validate_preservation()
+        v = self.validation
+        _require(v.every_steps >= 0, "validation.every_steps", "must be >= 0 (0 = never)")
+        _require(bool(v.sigmas) and all(0.0 < s <= 1.0 for s in v.sigmas), "validation.sigmas", "must be a non-empty list of σ in (0, 1]")
+        for key in ("caption_dropout", "caption_dropout_video", "caption_dropout_audio"):
+            _require(0.0 <= getattr(lo, key) < 1.0, f"loss.{key}", "must be in [0, 1)")
+        _require(lo.noise_offset >= 0, "loss.noise_offset", "must be >= 0")
+        _require(lo.audio_noise_offset >= 0, "loss.audio_noise_offset", "must be >= 0")
         _require(self.schedule.num_cycles >= 1, "schedule.num_cycles", "must be >= 1")
         _require(0.0 <= t.min_sigma < t.max_sigma <= 1.0, "timesteps.min_sigma/max_sigma", "need 0 <= min_sigma < max_sigma <= 1")
         _require(t.logit_std > 0, "timesteps.logit_std", "must be > 0")
@@ -307,6 +410,89 @@ class Config:
         _require(self.output.keep_states >= 1, "output.keep_states", "must be >= 1")
         _require(bool(self.output.name) and "/" not in self.output.name and "\\" not in self.output.name and ".." not in self.output.name,
                  "output.name", f"must be a plain file name without path separators, got {self.output.name!r}")
+
+
+    def _validate_optimizer(self) -> None:
+        o = self.optimizer
+        _require(o.lr > 0, "optimizer.lr", "must be > 0")
+        _require(o.audio_lr is None or o.audio_lr > 0, "optimizer.audio_lr", "must be > 0 (or unset to use lr)")
+        _require(len(o.betas) == 2, "optimizer.betas", "must be two numbers, e.g. [0.9, 0.999]")
+        _require(o.loraplus_ratio > 0, "optimizer.loraplus_ratio", "must be > 0 (1 = off)")
+        for i, item in enumerate(o.lr_overrides):
+            parse_lr_override(item, f"optimizer.lr_overrides[{i}]")
+        if o.name == "prodigy":
+            _require(
+                o.audio_lr is None and not o.lr_overrides and o.loraplus_ratio == 1.0,
+                "optimizer.name",
+                "\"prodigy\" estimates one step size for all parameters and supports no per-module learning rates; "
+                "unset optimizer.audio_lr and optimizer.lr_overrides and set optimizer.loraplus_ratio = 1",
+            )
+        if o.name == "schedule_free_adamw":
+            _require(
+                self.schedule.name in ("constant", "constant_with_warmup"),
+                "schedule.name",
+                f"{self.schedule.name!r} cannot be combined with optimizer.name = \"schedule_free_adamw\" (it replaces "
+                "the schedule); use \"constant_with_warmup\" (its warm-up_steps are passed to the optimizer)",
+            )
+
+    def _validate_audio(self) -> None:
+        a, tr = self.audio, self.train
+        _require(
+            a.missing_audio == "skip" or self.dataset.with_audio,
+            "audio.missing_audio",
+            f"{a.missing_audio!r} needs an audio run; dataset.with_audio = false trains video only (audio modules are "
+            "never adapted), so use \"skip\"",
+        )
+        _require(a.silence_weight > 0, "audio.silence_weight", "must be > 0")
+        _require(a.audio_dop_multiplier > 0, "audio.audio_dop_multiplier", "must be > 0")
+        _require(a.batch_probability is None or 0.0 <= a.batch_probability <= 1.0, "audio.batch_probability", "must be in [0, 1] (or unset)")
+        _require(a.min_batches_per_accum >= 0, "audio.min_batches_per_accum", "must be >= 0")
+        _require(
+            a.min_batches_per_accum <= tr.gradient_accumulation,
+            "audio.min_batches_per_accum",
+            f"{a.min_batches_per_accum} is more than the {tr.gradient_accumulation} micro-batches of an accumulation "
+            "window (train.gradient_accumulation)",
+        )
+        _require(
+            not (a.batch_probability is not None and a.min_batches_per_accum > 0),
+            "audio.batch_probability/min_batches_per_accum",
+            "are mutually exclusive: set one of them",
+        )
+        _require(a.bucket_interval_seconds > 0, "audio.bucket_interval_seconds", "must be > 0")
+        _require(a.supervision_warmup >= 0, "audio.supervision_warmup", "must be >= 0")
+        _require(a.supervision_interval >= 1, "audio.supervision_interval", "must be >= 1")
+        _require(0.0 <= a.supervision_min_ratio <= 1.0, "audio.supervision_min_ratio", "must be in [0, 1]")
+
+    def _validate_preservation(self) -> None:
+        p = self.preservation
+        if p.dop:
+            _require(bool(p.dop_class_prompt.strip()), "preservation.dop_class_prompt",
+                     "is empty; give the class the trigger stands for (e.g. 'a woman speaking'), or use preservation.blank")
+            trigger = self.dataset.trigger.strip()
+            _require(not trigger or trigger.lower() not in p.dop_class_prompt.lower(), "preservation.dop_class_prompt",
+                     f"contains the trigger word {trigger!r}; the class prompt must describe the class without it")
+        for key in ("dop_multiplier", "blank_multiplier", "prior_divergence_multiplier"):
+            _require(getattr(p, key) > 0, f"preservation.{key}", "must be > 0")
+
+
+def parse_lr_override(item: str, key: str = "optimizer.lr_overrides") -> tuple[str, float]:
+    """'regex=lr' → (regex, lr), with a message naming the key when it is malformed."""
+    import re
+
+    pattern, sep, value = item.rpartition("=")
+    if not sep or not pattern:
+        raise ConfigError(f"{key}: {item!r} is not 'regex=lr' (e.g. 'audio_attn=1e-6')")
+    try:
+        lr = float(value)
+    except ValueError:
+        raise ConfigError(f"{key}: {value!r} in {item!r} is not a number") from None
+    if not lr > 0:
+        raise ConfigError(f"{key}: the learning rate in {item!r} must be > 0")
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ConfigError(f"{key}: {pattern!r} is not a valid regular expression ({exc})") from None
+    return pattern, lr
 
 
 def _require(ok: bool, key: str, message: str) -> None:

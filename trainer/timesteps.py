@@ -86,3 +86,19 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> tor
 
 def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return noise - x0
+
+
+def offset_noise(shape: tuple[int, ...], offset: float, constant_dims: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    """N(0, 1) noise plus ``offset``·N(0, 1) that is constant along ``constant_dims`` (noise offset). Video
+    ``[B, C, F, H, W]`` uses (2, 3, 4): one shift per sample and channel over all frames and pixels; audio
+    ``[B, 8, T, 16]`` uses (2,): one per sample, channel and mel bin over time. With offset 0 no extra random
+    numbers are drawn, so runs without it keep their exact noise."""
+    noise = torch.randn(shape, generator=generator)
+    if offset > 0:
+        offset_shape = tuple(1 if i in constant_dims else size for i, size in enumerate(shape))
+        noise = noise + offset * torch.randn(offset_shape, generator=generator)
+    return noise
+
+
+VIDEO_OFFSET_DIMS = (2, 3, 4)
+AUDIO_OFFSET_DIMS = (2,)
