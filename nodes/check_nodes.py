@@ -14,7 +14,8 @@ from comfy_api.latest import io
 
 from ..trainer.backends.interface import AUDIO_LATENTS_PER_SECOND
 from ..trainer.cache import AUDIO_SAMPLE_RATE
-from ..trainer.export import GROUPS, METADATA_PREFIX, VerifyReport, module_group, read_lora
+from ..trainer.export import GROUPS, METADATA_PREFIX, VerifyReport, module_group
+from ..trainer.networks.files import read_adapter_file
 from ..trainer.sampling import SampleRequest, sample_av
 from .comfy_backend import ComfyDenoiser, detect_comfy_version, ltxav_diffusion_model
 from .comfy_encoders import audio_latent_count, check_audio_vae, check_video_vae, decode_audio, decode_video, encode_prompt
@@ -61,7 +62,7 @@ def verify_with_comfyui(model_patcher, path: Path) -> VerifyReport:
     import comfy.lora
 
     ltxav_diffusion_model(model_patcher)
-    tensors, metadata = read_lora(path)
+    tensors, metadata = read_adapter_file(path)
     key_map = comfy.lora.model_lora_keys_unet(model_patcher.model, {})
     patches = comfy.lora.load_lora(tensors, key_map, log_missing=False)
     applied = {_target_key(k) for k in model_patcher.clone().add_patches(patches)}

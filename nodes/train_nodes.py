@@ -22,7 +22,8 @@ from comfy_api.latest import io
 
 from ..trainer.config import Config, ConfigError
 from ..trainer.console import ConsoleTraining
-from ..trainer.export import METADATA_PREFIX, read_lora
+from ..trainer.export import METADATA_PREFIX
+from ..trainer.networks.files import read_adapter_file
 from ..trainer.io_utils import atomic_path, read_jsonl
 from ..trainer.loop import TrainingError
 from ..trainer.pipeline import train_from_cache
@@ -252,7 +253,7 @@ class TrainLoRA(io.ComfyNode):
         lora_path = result.lora_path or lora_file(run, result.step)
         if not lora_path.is_file():
             raise FileNotFoundError(f"{lora_path}: the run has no LoRA for step {result.step}; queue again to train")
-        _, metadata = read_lora(lora_path)
+        _, metadata = read_adapter_file(lora_path)
         lora = {
             "path": str(lora_path),
             "step": result.step,

@@ -4,7 +4,9 @@ import torch
 from ltx2_av_trainer.trainer.adapters import build_lora, select_targets
 from ltx2_av_trainer.trainer.backends.diffusers_backend import build_denoiser, diffusers_to_reference_path
 from ltx2_av_trainer.trainer.config import ConfigError, ModelConfig, NetworkConfig
-from ltx2_av_trainer.trainer.export import GROUPS, module_group, read_lora, save_lora, verify_lora_keys
+from ltx2_av_trainer.trainer.export import GROUPS, module_group, verify_lora_keys
+from ltx2_av_trainer.trainer.networks.files import read_adapter_file
+from ltx2_av_trainer.trainer.networks.files import save_network
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +72,8 @@ def test_exported_keys_use_reference_names_and_honour_alpha(tmp_path, preset, ex
     with torch.no_grad():
         for _, layer in net.named_layers():
             layer.up.normal_()
-    path = save_lora(net, tmp_path / "l.safetensors", config_json="{}", base_fingerprint=denoiser.fingerprint(), step=3, version="2.0", dtype="float32")
-    tensors, metadata = read_lora(path)
+    path = save_network(net, tmp_path / "l.safetensors", config_json="{}", base_fingerprint=denoiser.fingerprint(), step=3, version="2.0", dtype="float32")
+    tensors, metadata = read_adapter_file(path)
     assert metadata["ltx2_av_trainer.step"] == "3" and metadata["ltx2_av_trainer.base_fingerprint"] == denoiser.fingerprint()
     assert all(k.startswith("diffusion_model.transformer_blocks.") for k in tensors)
     assert all(k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in tensors)
@@ -97,13 +99,13 @@ def test_verify_counts_groups_and_flags_unloaded_keys(tmp_path):
 
     denoiser = build_denoiser(ModelConfig(version="2.0"))
     net = build_lora(denoiser, NetworkConfig(rank=2, alpha=2, preset="av"), with_audio=True)
-    path = save_lora(net, tmp_path / "l.safetensors", config_json="{}", base_fingerprint="x", step=1, version="2.0")
+    path = save_network(net, tmp_path / "l.safetensors", config_json="{}", base_fingerprint="x", step=1, version="2.0")
     model_paths = {diffusers_to_reference_path(n) for n, _ in denoiser.transformer.named_modules()}
     report = verify_lora_keys(path, model_paths)
     assert report.ok and report.unloaded_keys == [] and report.applied_modules == 48
     assert set(report.by_group) == set(GROUPS) and report.by_group["a2v"] == 8 and report.by_group["audio_attn"] == 16
     # diffusers-prefixed keys are exactly what ComfyUI does not load.
-    tensors, _ = read_lora(path)
+    tensors, _ = read_adapter_file(path)
     bad = {("transformer." + k[len("diffusion_model."):]): v for k, v in tensors.items()}
     save_file(bad, str(tmp_path / "bad.safetensors"))
     bad_report = verify_lora_keys(tmp_path / "bad.safetensors", model_paths)

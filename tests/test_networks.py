@@ -172,19 +172,13 @@ def test_each_type_trains_resumes_and_exports(tmp_path, kind):
 
 
 def test_verify_understands_the_new_key_types(tmp_path, denoiser):
-    """The headless key check counts DoRA/LoKr/LoHa modules (export.split_lora_key must know their suffixes)."""
-    from ltx2_av_trainer.trainer import export
+    """The headless key check counts DoRA/LoKr/LoHa modules as applied."""
     from ltx2_av_trainer.trainer.backends.diffusers_backend import diffusers_to_reference_path
 
     paths = {diffusers_to_reference_path(n) for n, _ in denoiser.transformer.named_modules()}
-    known = set(export._LORA_SUFFIXES)
     for kind in TYPES:
-        if not EXPECTED_SUFFIXES[kind] <= known:
-            continue
         net = build_lora(denoiser, NetworkConfig(type=kind, rank=4, preset="av"), with_audio=True)
         path = save_network(net, tmp_path / f"v{kind}.safetensors", config_json="{}", base_fingerprint="fp", step=1, version="2.0")
         net.detach()
         report = verify_lora_keys(path, paths)
         assert report.ok and report.applied_modules == 48, report.summary()
-    if not all(EXPECTED_SUFFIXES[kind] <= known for kind in TYPES):
-        pytest.xfail("export._LORA_SUFFIXES lacks the LoKr/LoHa suffixes (change requested from the lead)")

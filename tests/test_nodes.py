@@ -491,10 +491,11 @@ def test_saved_lora_loads_with_comfyui_key_map(comfy_home, objects, trained):
 
 def test_verify_names_unloaded_keys_and_refuses_missing_trained_groups(comfy_home, objects, trained):
     from ltx2_av_trainer.nodes.check_nodes import VerifyLoRAKeys
-    from ltx2_av_trainer.trainer.export import METADATA_PREFIX, read_lora
+    from ltx2_av_trainer.trainer.export import METADATA_PREFIX
+    from ltx2_av_trainer.trainer.networks.files import read_adapter_file
     from ltx2_av_trainer.trainer.io_utils import save_safetensors_atomic
 
-    tensors, metadata = read_lora(trained["queues"][1]["out"].args[0]["path"])
+    tensors, metadata = read_adapter_file(trained["queues"][1]["out"].args[0]["path"])
     foreign = dict(tensors)
     foreign["transformer.transformer_blocks.0.attn1.to_q.lora_A.weight"] = torch.zeros(4, 32)  # diffusers naming
     save_safetensors_atomic(foreign, comfy_home["loras"] / "foreign.safetensors", metadata=metadata)
