@@ -228,14 +228,22 @@ class ComfyDenoiser:
 
     def fingerprint(self) -> str:
         """Hash of the architecture config and the *base* weights: weights that ComfyUI has patched in
-        place (e.g. a LoRA from a LoRA loader) are read from the patcher's backup."""
+        place (e.g. a LoRA from a LoRA loader) are read from the patcher's backup. Hashed once per
+        instance: it reads every weight."""
+        if getattr(self, "_fingerprint", None) is not None:
+            return self._fingerprint
         backup = getattr(self.model_patcher, "backup", {})
         originals = {key: entry.weight for key, entry in backup.items()}
         h = hashlib.sha256()
         unet_config = getattr(getattr(self.model_patcher.model, "model_config", None), "unet_config", {})
         h.update(json.dumps(unet_config, sort_keys=True, default=str).encode())
         h.update(_BaseWeightsView(self.diffusion_model, originals).fingerprint().encode())
-        return h.hexdigest()[:16]
+        self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
+
+    def place_on(self, device: torch.device) -> None:
+        """The trainer asks the backend to place its weights: ComfyUI's model management decides (partial
+        loading and offloading for a MODEL that does not fit), so nothing is moved here."""
 
     def load(self, memory_required: float = 0, force_full_load: bool = False) -> TrainingPreparation:
         """Load the MODEL through ComfyUI's model management (partial loading/offloading as it decides),

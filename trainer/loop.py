@@ -134,6 +134,47 @@ class TrainCallbacks:
 
     def on_end(self, trainer: "Trainer", result: "TrainResult") -> None: ...
 
+    def extra_metrics(self, trainer: "Trainer", metrics: dict) -> dict:
+        """Values to add to this step's metrics row before it is written (e.g. validation samples)."""
+        return {}
+
+
+class CallbackList(TrainCallbacks):
+    """Several callbacks as one: every hook goes to each in order; extra metrics are merged."""
+
+    def __init__(self, *callbacks: TrainCallbacks | None):
+        self.callbacks = [c for c in callbacks if c is not None]
+
+    def on_start(self, trainer):
+        for c in self.callbacks:
+            c.on_start(trainer)
+
+    def on_step(self, trainer, metrics):
+        for c in self.callbacks:
+            c.on_step(trainer, metrics)
+
+    def on_log(self, trainer, line):
+        for c in self.callbacks:
+            c.on_log(trainer, line)
+
+    def on_checkpoint(self, trainer, lora_path, state_path):
+        for c in self.callbacks:
+            c.on_checkpoint(trainer, lora_path, state_path)
+
+    def on_warning(self, trainer, message):
+        for c in self.callbacks:
+            c.on_warning(trainer, message)
+
+    def on_end(self, trainer, result):
+        for c in self.callbacks:
+            c.on_end(trainer, result)
+
+    def extra_metrics(self, trainer, metrics):
+        merged: dict = {}
+        for c in self.callbacks:
+            merged.update(c.extra_metrics(trainer, {**metrics, **merged}))
+        return merged
+
 
 @dataclass
 class TrainResult:
@@ -193,7 +234,9 @@ class Trainer:
                        "module is adapted)")
         self.preservation = Preservation(config, preservation_contexts)
         self.connectors = self._connector_stack(text_connectors)
-        denoiser.module.to(self.device)
+        # A backend whose host manages weight placement (ComfyUI's partial loading) places itself.
+        place_on = getattr(denoiser, "place_on", None)
+        place_on(self.device) if place_on is not None else denoiser.module.to(self.device)
         self.network: LoRANetwork = build_lora(denoiser, config.network, with_audio=self.with_audio, connectors=self.connectors)
         self.network.to(self.device)
         self.optimizer = build_optimizer(self.network, config.optimizer, config.schedule, self.device)
@@ -343,6 +386,7 @@ class Trainer:
                 every = cfg.validation.every_steps
                 if self.validation_samples and every and (self.step % every == 0 or self.step == target):
                     metrics.update(self.validate())
+                metrics.update(self.callbacks.extra_metrics(self, metrics))
                 append_jsonl(self.run_dir / "metrics.jsonl", metrics)
                 self.callbacks.on_step(self, metrics)
                 if self.step % cfg.logging.log_every == 0 or self.step == target:
