@@ -11,6 +11,7 @@ from safetensors import safe_open
 
 from ltx2_av_trainer.trainer.cache import load_training_samples, manifest_entries, validate_entry
 from ltx2_av_trainer.trainer.config import Config
+from ltx2_av_trainer.trainer.networks.files import read_adapter_file
 from ltx2_av_trainer.trainer.pipeline import build_headless_encoders, cache_dataset
 
 from media_corpus import EXPECTED, build_corpus, corpus_dataset_config
@@ -197,3 +198,49 @@ def test_cli_errors_are_one_clear_line(tmp_path, capsys):
     nocache.write_text(f"[cache]\ndir = '{tmp_path / 'none'}'\n", encoding="utf-8")
     assert main(["train", "--config", str(nocache)]) == 2
     assert "run `ltx2-av-trainer cache" in capsys.readouterr().err
+
+
+OPTIONS_TOML = CLI_TOML + """
+[audio]
+missing_audio = "audio_dop"
+
+[preservation]
+dop = true
+dop_class_prompt = "a person speaking"
+blank = true
+
+[validation]
+every_steps = 2
+sample_every_steps = 2
+sample_steps = 2
+"""
+
+
+def test_pipeline_wires_encoder_backed_options(tmp_path):
+    """Options that need the encoders (encoded silence, preservation prompts, connector inputs, validation
+    samples with voice scores) work through `cache` + `train` on the headless backend, ending with report.html."""
+    from ltx2_av_trainer.trainer.cli import main
+    from ltx2_av_trainer.trainer.synth import make_demo_dataset
+
+    clips = tmp_path / "clips"
+    make_demo_dataset(clips, clips_per_speaker=4, seconds=0.6, width=64, height=64)
+    toml = tmp_path / "run.toml"
+    text = OPTIONS_TOML.format(version="2.0", clips=clips, cache=tmp_path / "cache", run=tmp_path / "run")
+    text = text.replace('[network]\nrank = 4', '[network]\nconnectors = "audio"\nrank = 4')
+    text = text.replace('height = 64\n', 'height = 64\nvalidation_split = 0.5\n', 1)
+    toml.write_text(text, encoding="utf-8")
+    assert main(["cache", "--config", str(toml), "--quiet"]) == 0
+    entries = manifest_entries(tmp_path / "cache")
+    assert any(e.is_validation for e in entries) and any(not e.is_validation for e in entries)
+    with safe_open(str(tmp_path / "cache" / entries[0].file), framework="pt") as fh:
+        assert {"features_video", "features_audio", "features_mask"} <= set(fh.keys())
+    assert main(["train", "--config", str(toml), "--quiet"]) == 0
+    run = tmp_path / "run"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("val_loss_video") is not None for r in rows)
+    assert all(r.get("loss_dop") is not None and r.get("loss_blank") is not None for r in rows)
+    validation = [json.loads(line) for line in (run / "validation.jsonl").read_text().splitlines()]
+    assert [v["step"] for v in validation] == [2, 4]
+    assert (run / "report.html").is_file()
+    tensors, _ = read_adapter_file(sorted((run / "lora").glob("*.safetensors"))[-1])
+    assert any(k.startswith("diffusion_model.audio_embeddings_connector.") for k in tensors)

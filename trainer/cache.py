@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 
 from .backends.interface import TextContext
-from .config import Config
+from .config import Config, ConfigError
 from .data import LatentSample
 from .io_utils import atomic_write_json, remove_stale_temporaries, save_safetensors_atomic
 
@@ -137,9 +137,14 @@ def validate_entry(cache_dir: str | Path, entry: CacheEntry, expect_audio: bool)
 
 
 def load_entry(cache_dir: str | Path, entry: CacheEntry) -> LatentSample:
+    from .connectors import TextFeatures
+
     path = Path(cache_dir) / entry.file
     with safe_open(str(path), framework="pt") as fh:
         audio = fh.get_tensor("audio_latent") if entry.has_audio else None
+        features = None
+        if "features_video" in fh.keys():
+            features = TextFeatures(fh.get_tensor("features_video"), fh.get_tensor("features_audio"), fh.get_tensor("features_mask"))
         return LatentSample(
             id=entry.id,
             video=fh.get_tensor("video_latent").float(),
@@ -149,6 +154,10 @@ def load_entry(cache_dir: str | Path, entry: CacheEntry) -> LatentSample:
             fps=entry.fps,
             video_loss_weight=entry.video_loss_weight,
             audio_loss_weight=entry.audio_loss_weight,
+            audio_problem=entry.audio_problem,
+            expects_audio=entry.has_audio or entry.audio_problem is not None,
+            is_validation=entry.is_validation,
+            text_features=features,
         )
 
 
@@ -224,6 +233,8 @@ def build_cache(
                 "timing": [config.dataset.target_fps, getattr(item, "fps_override", 0.0), getattr(config.dataset, "retime", "resample")],
                 "audio_params": [AUDIO_SAMPLE_RATE, 2, expect_audio, getattr(item, "audio_stream", 0)],
                 "video_dtype": config.cache.video_dtype,
+                # Connector training needs the connectors' inputs cached too.
+                "text_features": config.network.connectors != "off",
             }
         )
         previous = old.get(item_id)
@@ -242,6 +253,8 @@ def build_cache(
             summary.invalidated += 1
         try:
             entry = _encode_item(config, item, item_id, fingerprint, encoders, prepare, cache_dir, summary, warn)
+        except ConfigError:
+            raise  # a setting problem, not a bad file: stop and say so
         except Exception as exc:  # one bad file never stops the rest; it is named with its reason
             summary.failed += 1
             if expect_audio:
@@ -278,14 +291,31 @@ def _refresh_weights(entry: CacheEntry, item) -> None:
     entry.is_validation = item.is_validation
 
 
+def _text_with_features(encoders, caption: str):
+    """Context and the connectors' inputs (for connector training) from the headless text encoder."""
+    from .connectors import capture_text_features
+
+    text = getattr(encoders, "text", None)
+    if not (hasattr(text, "tokenize") and hasattr(text, "hidden_states") and hasattr(text, "connectors")):
+        raise ConfigError("network.connectors needs the headless text encoder (Gemma + the model's text connectors); "
+                          "in ComfyUI the connectors run inside the text encoder and cannot be trained: set it to \"off\"")
+    tokens = text.tokenize([caption])
+    return capture_text_features(text.connectors, text.hidden_states(tokens), tokens.attention_mask)
+
+
 @torch.no_grad()
 def _encode_item(config, item, item_id, fingerprint, encoders, prepare, cache_dir, summary, warn) -> CacheEntry:
     prepared = prepare(item)
     frames = prepared.frames.permute(3, 0, 1, 2).float().div(127.5).sub(1.0)[None]  # [1, 3, F, H, W] in [-1, 1]
     video_latent = encoders.encode_video(frames)[0].to(VIDEO_DTYPES[config.cache.video_dtype]).cpu()
-    summary.video_encoded += 1
     tensors = {"video_latent": video_latent}
-    text = encoders.encode_text([item.caption])
+    if config.network.connectors != "off":
+        features, text = _text_with_features(encoders, item.caption)
+        # LTX-2.0 feeds both connectors the same tensor: store two copies (safetensors refuses shared memory).
+        tensors.update(features_video=features.video[0].float().cpu().clone(), features_audio=features.audio[0].float().cpu().clone(),
+                       features_mask=features.mask[0].cpu())
+    else:
+        text = encoders.encode_text([item.caption])
     tensors.update(text_video=text.video[0].cpu(), text_audio=text.audio[0].cpu(), text_mask=text.mask[0].cpu())
     has_audio, valid_frames, audio_shape, audio_problem = False, 0, None, prepared.audio_problem
     if config.dataset.with_audio and prepared.audio is not None:
@@ -298,14 +328,17 @@ def _encode_item(config, item, item_id, fingerprint, encoders, prepare, cache_di
             tensors["audio_latent"] = audio_latent
             tensors["audio_valid_frames"] = torch.tensor(valid_frames, dtype=torch.int64)
             has_audio, audio_shape = True, list(audio_latent.shape)
-            summary.audio_encoded += 1
-    if config.dataset.with_audio and not has_audio and not getattr(item, "is_image", False):
+    file = f"{item_id}.safetensors"
+    save_safetensors_atomic(tensors, cache_dir / file, metadata={"fingerprint": fingerprint, "has_audio": str(has_audio)})
+    # Counted once the entry is on disk, so the totals never claim an entry that failed to save.
+    summary.video_encoded += 1
+    if has_audio:
+        summary.audio_encoded += 1
+    elif config.dataset.with_audio and not getattr(item, "is_image", False):
         summary.audio_failed += 1
         reason = audio_problem or "no audio"
         summary.failures.append({"path": str(item.audio_path or item.media_path), "reason": f"audio: {reason}"})
         warn(f"{item.audio_path or item.media_path}: audio not cached ({reason}); the clip trains video only")
-    file = f"{item_id}.safetensors"
-    save_safetensors_atomic(tensors, cache_dir / file, metadata={"fingerprint": fingerprint, "has_audio": str(has_audio)})
     return CacheEntry(
         id=item_id, file=file, fingerprint=fingerprint, media=str(item.media_path), caption=item.caption,
         has_audio=has_audio, audio_valid_frames=valid_frames, fps=float(prepared.fps), video_shape=list(video_latent.shape),

@@ -261,6 +261,14 @@ class ValidationConfig:
     every_steps: int = opt(100, "Validation loss every N optimizer steps and at the end, when the cache holds validation items (0 = never).")
     sigmas: list[float] = opt([0.1, 0.3, 0.5, 0.7, 0.9], "The fixed noise levels of the validation loss (each item is scored at every σ, both modalities).")
     seed: int = opt(0, "Seed of the validation noise (the same noise at every validation).")
+    sample_every_steps: int = opt(-1, "Generate A/B samples (with and without the LoRA) every N steps, with voice scores (-1 = auto: 250 on a GPU, off on CPU; 0 = never).")
+    prompts: list[str] = opt([], "Prompts of the validation samples (empty = \"<trigger>, a person speaks to the camera\").")
+    sample_seeds: list[int] = opt([0], "Seeds of the validation samples (each prompt is sampled with each seed).")
+    sample_steps: int = opt(20, "Denoising steps of the validation samples.")
+    sample_seconds: float = opt(0.0, "Length of the validation samples in seconds (0 = the training clip length).")
+    fixed_sigma: float = opt(0.5, "σ at which the validation samples' audio-branch loss is measured.")
+    voice_score: bool = opt(True, "Score the validation samples' voice against the dataset voice (needs `pip install resemblyzer`).")
+    report: bool = opt(True, "Write the HTML training report (report.html) into the run directory at the end of training.")
 
 
 @dataclass
@@ -382,6 +390,11 @@ class Config:
         v = self.validation
         _require(v.every_steps >= 0, "validation.every_steps", "must be >= 0 (0 = never)")
         _require(bool(v.sigmas) and all(0.0 < s <= 1.0 for s in v.sigmas), "validation.sigmas", "must be a non-empty list of σ in (0, 1]")
+        _require(v.sample_every_steps >= -1, "validation.sample_every_steps", "must be -1 (auto), 0 (never) or a step count")
+        _require(bool(v.sample_seeds), "validation.sample_seeds", "needs at least one seed")
+        _require(v.sample_steps >= 1, "validation.sample_steps", "must be >= 1")
+        _require(v.sample_seconds >= 0, "validation.sample_seconds", "must be >= 0 (0 = the training clip length)")
+        _require(0.0 < v.fixed_sigma <= 1.0, "validation.fixed_sigma", "must be in (0, 1]")
         for key in ("caption_dropout", "caption_dropout_video", "caption_dropout_audio"):
             _require(0.0 <= getattr(lo, key) < 1.0, f"loss.{key}", "must be in [0, 1)")
         _require(lo.noise_offset >= 0, "loss.noise_offset", "must be >= 0")

@@ -45,6 +45,8 @@ def demo_config(out: Path, steps: int, version: str) -> Config:
             "optimizer": {"lr": 1e-3},
             "train": {"steps": steps, "batch_size": 1, "mixed_precision": "fp32", "device": "cpu", "seed": 7},
             "logging": {"log_every": 50},
+            # The demo writes the report page itself, with the doctor, previews and A/B samples.
+            "validation": {"report": False},
             "output": {"dir": str(out / "run"), "name": "demo_av_lora", "save_every": 100, "save_dtype": "float32"},
         }
     )
@@ -81,7 +83,7 @@ def run_demo(out: Path, *, steps: int | None = None, version: str = "2.0", quiet
 
     t0 = time.monotonic()
     denoiser = build_headless_denoiser(config)
-    result = train_from_cache(config, denoiser, callbacks=ConsoleTraining(quiet=quiet), quiet=quiet)
+    result = train_from_cache(config, denoiser, encoders=encoders, callbacks=ConsoleTraining(quiet=quiet), quiet=quiet)
     stage("train", t0)
 
     t0 = time.monotonic()

@@ -20,7 +20,7 @@ from .dataset import enumerate_dataset
 from .doctor import run_doctor
 from .export import module_group, verify_lora_keys
 from .io_utils import atomic_write_json
-from .loop import Trainer, TrainCallbacks, TrainResult
+from .loop import CallbackList, Trainer, TrainCallbacks, TrainResult
 from .media.probe import MediaError
 from .media.timing import prepare_item
 
@@ -144,10 +144,16 @@ def load_samples_for_training(config: Config, *, quiet: bool = False):
     return samples
 
 
-def train_from_cache(config: Config, denoiser, *, callbacks: TrainCallbacks | None = None, resume: str | None = None,
-                     no_resume: bool = False, until_step: int | None = None, quiet: bool = False) -> TrainResult:
+def train_from_cache(config: Config, denoiser, *, encoders=None, callbacks: TrainCallbacks | None = None,
+                     resume: str | None = None, no_resume: bool = False, until_step: int | None = None,
+                     quiet: bool = False) -> TrainResult:
+    """Train from the cache folder alone. ``encoders`` (the ones that built the cache) provide what some
+    options need: the encoded silence (audio.missing_audio), the preservation prompts' contexts, the text
+    connectors (network.connectors) and validation samples with voice scores."""
     samples = load_samples_for_training(config, quiet=quiet)
-    trainer = Trainer(config, denoiser, samples, config.output.dir, callbacks)
+    extras = trainer_inputs(config, encoders, quiet=quiet)
+    sampler = validation_sampler(config, encoders, quiet=quiet)
+    trainer = Trainer(config, denoiser, samples, config.output.dir, CallbackList(callbacks, sampler), **extras)
     try:
         if resume or (not no_resume and config.output.resume == "auto"):
             trainer.try_resume(resume)
@@ -157,7 +163,84 @@ def train_from_cache(config: Config, denoiser, *, callbacks: TrainCallbacks | No
         # exactly as it was (ComfyUI samples with it next).
         trainer.network.detach()
     write_run_report(config, result, trainer)
+    if config.validation.report and result.completed:
+        write_report_page(config, result, quiet=quiet)
     return result
+
+
+def trainer_inputs(config: Config, encoders, *, quiet: bool = False) -> dict:
+    """Keyword arguments of ``Trainer`` beyond the samples: validation items from the cache and what the
+    encoders provide for the options that are on."""
+    cache_dir = cache_dir_of(config)
+    validation, problems = load_training_samples(cache_dir, expect_audio=config.dataset.with_audio, validation=True)
+    for problem in problems:
+        _echo(f"warning: validation item not used (re-run `cache`): {problem}", quiet, sys.stderr)
+    inputs: dict = {"validation_samples": validation or None}
+    needs_silence = config.dataset.with_audio and config.audio.missing_audio != "skip"
+    needs_contexts = config.preservation.dop or config.preservation.blank
+    needs_connectors = config.network.connectors != "off"
+    if encoders is None:
+        if needs_silence or needs_contexts or needs_connectors:
+            raise ConfigError("audio.missing_audio, preservation.dop/blank and network.connectors need the encoders "
+                              "that built the cache (pass encoders= to train_from_cache)")
+        return inputs
+    with torch.no_grad():
+        if needs_silence:
+            inputs["silence_audio_latent"] = encode_silence(config, encoders)
+        contexts = {}
+        if config.preservation.dop:
+            contexts["class"] = encoders.encode_text([config.preservation.dop_class_prompt]).select(0)
+        if config.preservation.blank:
+            contexts["blank"] = encoders.encode_text([""]).select(0)
+        inputs["preservation_contexts"] = contexts or None
+    if needs_connectors:
+        text = getattr(encoders, "text", None)
+        if not hasattr(text, "connectors"):
+            raise ConfigError("network.connectors needs the headless text encoder with the model's connectors")
+        inputs["text_connectors"] = text.connectors
+    return inputs
+
+
+def encode_silence(config: Config, encoders) -> torch.Tensor:
+    """The audio VAE's encoding of a zero waveform as long as the longest training clip (plus a second)."""
+    longest = max([config.dataset.frames, *config.dataset.frame_buckets]) / config.dataset.target_fps + 1.0
+    zeros = torch.zeros(1, 2, int(round(longest * 16000)))
+    return encoders.encode_audio(zeros)[0].float().cpu()
+
+
+def validation_sampler(config: Config, encoders, *, quiet: bool = False):
+    """The A/B validation sampler (samples + voice scores every N steps), or None when off."""
+    from .validation_sampling import ValidationSampler, default_every_n_steps
+
+    v = config.validation
+    every = v.sample_every_steps if v.sample_every_steps >= 0 else default_every_n_steps(config.train.device)
+    if not every or encoders is None:
+        return None
+    reference = note = None
+    if v.voice_score and config.dataset.with_audio:
+        from .voice_score import VoiceReference, VoiceScoreError
+
+        try:
+            reference = VoiceReference.from_cache(cache_dir_of(config))
+        except (ImportError, VoiceScoreError, MediaError) as exc:
+            note = f"no voice score: {exc}"
+            _echo(f"warning: {note}", quiet, sys.stderr)
+    prompts = v.prompts or [f"{config.dataset.trigger}, a person speaks to the camera"]
+    return ValidationSampler(encoders, prompts, every_n_steps=every, seeds=v.sample_seeds, reference=reference,
+                             sample_steps=v.sample_steps, seconds=v.sample_seconds or None, fixed_sigma=v.fixed_sigma,
+                             reference_note=note)
+
+
+def write_report_page(config: Config, result: TrainResult, *, quiet: bool = False) -> Path | None:
+    from .report_html import ReportError, write_training_report
+
+    try:
+        page = write_training_report(result.run_dir, cache_dir=cache_dir_of(config))
+    except ReportError as exc:
+        _echo(f"warning: no report page: {exc}", quiet, sys.stderr)
+        return None
+    _echo(f"training report: {page}", quiet)
+    return page
 
 
 def write_run_report(config: Config, result: TrainResult, trainer: Trainer) -> dict:
@@ -184,9 +267,11 @@ def write_run_report(config: Config, result: TrainResult, trainer: Trainer) -> d
 
 def run_train_command(config: Config, *, resume: str | None = None, no_resume: bool = False, quiet: bool = False) -> dict:
     denoiser = build_headless_denoiser(config)
+    encoders = build_headless_encoders(config)
     tensorboard = Path(config.output.dir) / "tensorboard" if config.logging.tensorboard else None
     callbacks = ConsoleTraining(quiet=quiet or config.logging.quiet, tensorboard_dir=tensorboard)
-    result = train_from_cache(config, denoiser, callbacks=callbacks, resume=resume, no_resume=no_resume, quiet=quiet)
+    result = train_from_cache(config, denoiser, encoders=encoders, callbacks=callbacks, resume=resume, no_resume=no_resume,
+                              quiet=quiet)
     return json.loads((result.run_dir / "report.json").read_text(encoding="utf-8"))
 
 
