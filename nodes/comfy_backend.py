@@ -87,6 +87,7 @@ from ..trainer.backends.interface import (
 )
 from ..trainer.config import ConfigError
 from .comfy_env import comfy_training_mode, import_model_management
+from .comfy_memory import is_comfy_linear
 
 CHECKPOINTING_MODES = ("block", "model", "none")
 
@@ -223,7 +224,8 @@ class ComfyDenoiser:
     def adaptable_modules(self) -> Iterator[tuple[str, nn.Module]]:
         # ComfyUI's module names are the reference names (comfy.ops Linear subclasses nn.Linear).
         for name, module in self.diffusion_model.named_modules():
-            if isinstance(module, nn.Linear) and name.startswith("transformer_blocks."):
+            # is_comfy_linear: nn.Linear, or the Linear of ComfyUI's scaled-fp8 / quantised checkpoints.
+            if name.startswith("transformer_blocks.") and is_comfy_linear(module):
                 yield name, module
 
     def fingerprint(self) -> str:

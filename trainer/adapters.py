@@ -102,6 +102,15 @@ class _Attachment:
     layer: AdapterLayer
 
 
+def is_linear_like(module: nn.Module) -> bool:
+    """An ``nn.Linear``, or a layer that acts as one without subclassing it (ComfyUI's quantised-checkpoint
+    Linear): integer ``in_features`` / ``out_features`` and a ``weight``. The adapter only wraps its forward."""
+    if isinstance(module, nn.Linear):
+        return True
+    return (isinstance(getattr(module, "in_features", None), int) and isinstance(getattr(module, "out_features", None), int)
+            and hasattr(module, "weight"))
+
+
 class LoRANetwork(nn.Module):
     """All adapter layers of one training run (of one ``network.type``), keyed by reference module path."""
 
@@ -116,7 +125,7 @@ class LoRANetwork(nn.Module):
         self.multiplier = 1.0
         self.module_dropout = net.module_dropout
         for path, module in paths_and_modules:
-            if not isinstance(module, nn.Linear):
+            if not is_linear_like(module):
                 raise ConfigError(f"network: {path} is a {type(module).__name__}, only Linear layers can take an adapter")
             key = path.replace(".", "__")
             self.layers[key] = make_layer(module, net, generator) if make_for_path is None else make_for_path(path, module)

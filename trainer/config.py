@@ -301,6 +301,10 @@ class OutputConfig:
     resume: Literal["auto", "never"] = opt("auto", "auto: continue from the latest state in the run directory.")
 
 
+# The [memory] section lives with the code it configures; it uses opt and ConfigError from above.
+from .memory.options import MemoryConfig, validate_memory  # noqa: E402
+
+
 @dataclass
 class Config:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
@@ -317,6 +321,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
 
     # ---- construction -----------------------------------------------------------------------
 
@@ -387,6 +392,7 @@ class Config:
         self._validate_optimizer()
         self._validate_audio()
         self._validate_preservation()
+        validate_memory(self.memory, self.model)
         v = self.validation
         _require(v.every_steps >= 0, "validation.every_steps", "must be >= 0 (0 = never)")
         _require(bool(v.sigmas) and all(0.0 < s <= 1.0 for s in v.sigmas), "validation.sigmas", "must be a non-empty list of σ in (0, 1]")

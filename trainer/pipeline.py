@@ -48,7 +48,7 @@ def build_headless_encoders(config: Config):
 def build_headless_denoiser(config: Config):
     from .backends.diffusers_backend import build_denoiser
 
-    return build_denoiser(config.model)
+    return build_denoiser(config.model, config.memory)
 
 
 def _encoder_precision(config: Config) -> str:

@@ -5,6 +5,12 @@ when σ_a ≠ σ_v. The call that does passes each modality's own timestep for i
 (``use_cross_timestep=False``) and overrides the inputs of the two gate adaLN modules with forward
 pre-hooks: the a2v gate gets σ_a, the v2a gate gets σ_v. Those modules run outside the transformer
 blocks, so this also holds under gradient checkpointing.
+
+Memory (``[memory]``, ``trainer/memory``): ``build_denoiser`` quantises the blocks' Linear layers, sets up
+gradient checkpointing (with the block inputs offloaded to the CPU when asked) and compiles the blocks;
+``DiffusersDenoiser.place_on`` then selects the attention kernel and places the model, streaming swapped
+blocks from CPU memory. The base fingerprint is taken before quantisation: the LoRA belongs to the
+unquantised base.
 """
 
 from __future__ import annotations
@@ -17,6 +23,9 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, ModelConfig, TinyModelConfig
+from ..memory.attention import text_mask_for
+from ..memory.options import MemoryConfig, validate_memory
+from ..memory.setup import MemoryPlan, apply_memory_options
 from .fingerprint import module_fingerprint
 from .interface import DenoiserInput
 
@@ -96,7 +105,7 @@ def detect_version(transformer) -> str:
 class DiffusersDenoiser:
     """``Denoiser`` on a diffusers ``LTX2VideoTransformer3DModel``."""
 
-    def __init__(self, transformer, version: str, cross_modal_sigma: str = "reference"):
+    def __init__(self, transformer, version: str, cross_modal_sigma: str = "reference", attention: str = "sdpa"):
         if cross_modal_sigma not in CROSS_MODAL_SIGMA_WIRINGS:
             raise ConfigError(f"model.cross_modal_sigma: {cross_modal_sigma!r}; choose one of {CROSS_MODAL_SIGMA_WIRINGS}")
         detected = detect_version(transformer)
@@ -108,6 +117,8 @@ class DiffusersDenoiser:
         self.transformer = transformer
         self.version = version
         self.cross_modal_sigma = cross_modal_sigma
+        self.attention = attention
+        self.memory_plan: MemoryPlan | None = None  # set by build_denoiser when [memory] options apply
         cfg = transformer.config
         self._gate_ratio = cfg.cross_attn_timestep_scale_multiplier / cfg.timestep_scale_multiplier
         self._timestep_scale = float(cfg.timestep_scale_multiplier)
@@ -138,6 +149,14 @@ class DiffusersDenoiser:
     def enable_gradient_checkpointing(self) -> None:
         self.transformer.enable_gradient_checkpointing()
 
+    def place_on(self, device: torch.device | str) -> None:
+        """The trainer's placement call: the model to ``device`` (with ``[memory]``: attention kernel, swapped
+        blocks kept in CPU memory and streamed in); plain ``module.to(device)`` otherwise."""
+        if self.memory_plan is not None:
+            self.memory_plan.place(self.transformer, device)
+        else:
+            self.transformer.to(device)
+
     def __call__(self, inputs: DenoiserInput) -> tuple[torch.Tensor, torch.Tensor | None]:
         vx, ax = inputs.video, inputs.audio
         batch, _, frames, height, width = vx.shape
@@ -158,6 +177,7 @@ class DiffusersDenoiser:
         video_t_sample = _per_sample(video_t)
         audio_t_sample = _per_sample(audio_t)
 
+        text_mask = text_mask_for(self.attention, inputs.text.mask)
         use_cross = self.cross_modal_sigma == "cross"
         if self.cross_modal_sigma == "reference":
             self._gate_override = {"a2v": audio_t_sample * self._gate_ratio, "v2a": video_t_sample * self._gate_ratio}
@@ -173,8 +193,8 @@ class DiffusersDenoiser:
                 # LTX-2.3 prompt adaLN; per sample, on the timestep scale (as diffusers' pipeline passes).
                 sigma=video_t_sample,
                 audio_sigma=audio_t_sample,
-                encoder_attention_mask=inputs.text.mask,
-                audio_encoder_attention_mask=inputs.text.mask,
+                encoder_attention_mask=text_mask,
+                audio_encoder_attention_mask=text_mask,
                 num_frames=frames,
                 height=height,
                 width=width,
@@ -213,16 +233,25 @@ def _per_sample(t: torch.Tensor) -> torch.Tensor:
     return t if t.ndim == 1 else t.amax(dim=1)
 
 
-def build_denoiser(model_cfg: ModelConfig) -> DiffusersDenoiser:
+def build_denoiser(model_cfg: ModelConfig, memory: MemoryConfig | None = None) -> DiffusersDenoiser:
+    """The denoiser for ``[model]``, with the ``[memory]`` options applied when given (see the module docstring)."""
+    if memory is not None:
+        validate_memory(memory, model_cfg)
     if model_cfg.source == "tiny":
         transformer = build_tiny_transformer(model_cfg.version, model_cfg.tiny)
     else:
         transformer = load_transformer(model_cfg.source)
     transformer.requires_grad_(False)
     transformer.eval()
-    denoiser = DiffusersDenoiser(transformer, model_cfg.version, model_cfg.cross_modal_sigma)
-    if model_cfg.gradient_checkpointing:
-        denoiser.enable_gradient_checkpointing()
+    attention = memory.attention if memory is not None else "sdpa"
+    denoiser = DiffusersDenoiser(transformer, model_cfg.version, model_cfg.cross_modal_sigma, attention)
+    if memory is None:
+        if model_cfg.gradient_checkpointing:
+            denoiser.enable_gradient_checkpointing()
+        return denoiser
+    if memory.quantization != "none":
+        denoiser.fingerprint()  # cached: the unquantised base's, which the exported LoRA applies to
+    denoiser.memory_plan = apply_memory_options(transformer, memory, gradient_checkpointing=model_cfg.gradient_checkpointing)
     return denoiser
 
 

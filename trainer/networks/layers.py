@@ -67,14 +67,11 @@ def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
 
 
 def dense_weight(module: nn.Module) -> torch.Tensor:
-    """The layer's weight as a plain float tensor (for DoRA's norm); dequantises torch-quantised and
-    tensor-subclass (torchao, ComfyUI) weights, never a plain tensor."""
-    weight = module.weight
-    if weight.is_quantized:
-        weight = weight.dequantize()
-    elif type(weight) not in (torch.Tensor, nn.Parameter) and hasattr(weight, "dequantize"):
-        weight = weight.dequantize()
-    return weight.detach()
+    """The layer's base weight as a plain float tensor (for DoRA's norm), dequantised precisely by type
+    (torch-quantised, torchao int8/float8/NF4, ComfyUI's quantised tensors); never written."""
+    from ..memory.quantize import dequantized_weight
+
+    return dequantized_weight(module)
 
 
 class AdapterLayer(nn.Module):
