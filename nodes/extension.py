@@ -19,6 +19,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from .check_nodes import SampleAV, VerifyLoRAKeys
 from .data_nodes import CacheLatents, DatasetDoctor, ExtractAudio, LoadDataset, PreviewCachedAudio
+from .score_nodes import VoiceScore
 from .train_nodes import SaveLoRA, TrainingConfig, TrainLoRA
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ NODES: list[type[io.ComfyNode]] = [
     SaveLoRA,
     VerifyLoRAKeys,
     SampleAV,
+    VoiceScore,
 ]
 
 
