@@ -22,6 +22,8 @@ const SERIES = [
   { key: "loss_audio", label: "audio loss", color: "#ff9f43", axis: "loss" },
   { key: "val_loss_video", label: "val video", color: "#4ea1ff", axis: "loss", dots: true },
   { key: "val_loss_audio", label: "val audio", color: "#ff9f43", axis: "loss", dots: true },
+  // Missing-audio regulariser (silence / audio DOP): only on steps that drew an audio-free clip.
+  { key: "loss_regularizer", label: "regulariser", color: "#b07cf0", axis: "loss", dots: true },
   { key: "audio_weight", label: "audio weight", color: "#2ecc71", axis: "weight", dashed: true },
 ];
 

@@ -8,6 +8,10 @@ state, until ``train.steps`` (the run's total) is reached. Cancel raises ComfyUI
 and re-raises it, so nothing learned is lost. After every step the node sends
 ``PromptServer.instance.send_sync("ltx2av.train", point)`` for the live chart and returns every point
 of the run as ``ui["ltx2av_history"]``, so the chart comes back after a page reload.
+
+The optional ``vae``, ``audio_vae`` and ``clip`` inputs give the trainer its ``Encoders``
+(``ComfyEncoders``) for the options that need them: the encoded silence of ``audio.missing_audio`` =
+silence / audio_dop, the prompt contexts of ``preservation.dop`` / ``blank`` and validation samples.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from ..trainer.loop import TrainingError
 from ..trainer.pipeline import train_from_cache
 from ..trainer.state import find_latest_state
 from .comfy_backend import ComfyDenoiser, detect_comfy_version, ltxav_diffusion_model
+from .comfy_encoders import ComfyEncoders
 from .comfy_env import comfy_training_mode, import_model_management
 from .config_widgets import config_from_widgets, training_widgets, widget_inputs
 from .types import (
@@ -47,6 +52,10 @@ log = logging.getLogger(__name__)
 
 TRAIN_EVENT = "ltx2av.train"
 ETA_WINDOW = 20  # steps averaged for the ETA
+# Metrics copied into a chart event only on the steps that have them (held-out losses every N steps; the
+# missing-audio regulariser on steps that drew an audio-free clip).
+OPTIONAL_EVENT_KEYS = ("val_loss_video", "val_loss_audio", "regularizer", "loss_regularizer")
+ENCODERS_TOOLTIP = "needed for audio.missing_audio silence/audio_dop, preservation dop/blank and validation samples"
 
 
 # ---- Training Config ----------------------------------------------------------------------------------
@@ -128,7 +137,7 @@ def chart_point(node: str, row: dict, total: int, recent_step_times: list[float]
         "step_time_s": row["step_time_s"],
         "eta_s": max(0, total - row["step"]) * mean_time,
     }
-    for key in ("val_loss_video", "val_loss_audio"):
+    for key in OPTIONAL_EVENT_KEYS:
         if row.get(key) is not None:
             point[key] = row[key]
     return point
@@ -193,6 +202,29 @@ class ComfyTraining(ConsoleTraining):
 # ---- Train LoRA ---------------------------------------------------------------------------------------------
 
 
+CONNECT_ENCODERS = ("connect the vae (the checkpoint loader's VAE), audio_vae (LTXVAudioVAELoader) and clip "
+                    "(LTXAVTextEncoderLoader) inputs of LTX2AV Train LoRA, or turn those options off in the Training Config")
+
+
+def training_encoders(model_patcher, vae, audio_vae, clip) -> ComfyEncoders | None:
+    """The trainer's encoders when all three optional inputs are connected; None when none is."""
+    given = {"vae": vae, "audio_vae": audio_vae, "clip": clip}
+    missing = [name for name, value in given.items() if value is None]
+    if not missing:
+        return ComfyEncoders(model_patcher, vae, audio_vae, clip)
+    if len(missing) < len(given):
+        raise ConfigError(f"LTX2AV Train LoRA: {', '.join(missing)} not connected; the encoders need all three of "
+                          f"vae, audio_vae and clip ({ENCODERS_TOOLTIP}): connect the missing ones or disconnect all")
+    return None
+
+
+def check_validation_encoders(run: Config, encoders) -> None:
+    """The pipeline leaves validation sampling off without encoders; an explicit interval asks for it."""
+    if encoders is None and run.validation.sample_every_steps > 0:
+        raise ConfigError(f"validation.sample_every_steps = {run.validation.sample_every_steps} needs the encoders to "
+                          f"render samples: {CONNECT_ENCODERS} (set validation_sample_every_steps to 0 for no samples)")
+
+
 class TrainLoRA(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -209,6 +241,9 @@ class TrainLoRA(io.ComfyNode):
                 ConfigType.Input("config", tooltip="From LTX2AV Training Config."),
                 io.Int.Input("steps_per_queue", default=100, min=1, max=1_000_000, tooltip="Optimizer steps per queue; queue again to continue the same run from its saved state."),
                 io.String.Input("run_name", default="my_character", tooltip="Run folder under ComfyUI's output/ltx2av_runs and the LoRA file prefix (a plain name). A new name starts a new run."),
+                io.Vae.Input("vae", optional=True, tooltip=f"The LTX-2 video VAE (checkpoint loader's VAE); {ENCODERS_TOOLTIP}."),
+                io.Vae.Input("audio_vae", optional=True, tooltip=f"The LTX-2 audio VAE (LTXVAudioVAELoader); {ENCODERS_TOOLTIP}."),
+                io.Clip.Input("clip", optional=True, tooltip=f"The Gemma text encoder (LTXAVTextEncoderLoader); {ENCODERS_TOOLTIP}."),
             ],
             outputs=[
                 LoRAType.Output("lora", tooltip="The LoRA saved at the last step (LTX2AV_LORA)."),
@@ -229,10 +264,13 @@ class TrainLoRA(io.ComfyNode):
             return (run_name, steps_per_queue)  # a bad run_name is reported by execute
 
     @classmethod
-    def execute(cls, model, cache, config, steps_per_queue: int, run_name: str) -> io.NodeOutput:
+    def execute(cls, model, cache, config, steps_per_queue: int, run_name: str, vae=None, audio_vae=None,
+                clip=None) -> io.NodeOutput:
         cache = cache_payload(cache)
         run_dir = run_folder(run_name)
         run = run_config(config, cache, run_dir, run_name, model)
+        encoders = training_encoders(model, vae, audio_vae, clip)
+        check_validation_encoders(run, encoders)
         node = str(cls.hidden.unique_id) if cls.hidden is not None and cls.hidden.unique_id is not None else ""
         start = saved_step(run_dir)
         until = min(start + steps_per_queue, run.train.steps)
@@ -247,9 +285,14 @@ class TrainLoRA(io.ComfyNode):
         with torch.inference_mode(False), torch.enable_grad(), comfy_training_mode():
             denoiser.load()  # after any sampling: loads the MODEL and makes its tensors trainable
             try:
-                result = train_from_cache(run, denoiser, callbacks=callbacks, until_step=until)
+                result = train_from_cache(run, denoiser, encoders=encoders, callbacks=callbacks, until_step=until)
             except TrainingError as exc:
                 raise TrainingError(f"{exc} (in ComfyUI: use a new run_name to start a fresh run)") from exc
+            except ConfigError as exc:
+                # The pipeline names the options that need encoders; in ComfyUI the fix is to wire the inputs.
+                if encoders is None and "need the encoders" in str(exc):
+                    raise ConfigError(f"{exc}. In ComfyUI: {CONNECT_ENCODERS}") from exc
+                raise
         lora_path = result.lora_path or lora_file(run, result.step)
         if not lora_path.is_file():
             raise FileNotFoundError(f"{lora_path}: the run has no LoRA for step {result.step}; queue again to train")

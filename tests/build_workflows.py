@@ -119,7 +119,8 @@ def character_lora(object_info: dict, model: ModelChoice, file_name: str) -> dic
     config = Column(builder, 3 * COLUMN_WIDTH).add("LTX2AV_TrainingConfig")
     train = Column(builder, 4 * COLUMN_WIDTH, width=480)
     lora = train.add("LTX2AV_TrainLoRA", model=checkpoint["MODEL"], cache=cache["cache"],
-                     config=config["config"], run_name=name)
+                     config=config["config"], run_name=name, vae=checkpoint["VAE"],
+                     audio_vae=audio_vae["Audio VAE"], clip=clip["CLIP"])
     saved = train.add("LTX2AV_SaveLoRA", lora=lora["lora"], filename=f"{name}_av")
     train.add("PreviewAny", title="Saved LoRA", source=saved["path"])
     verify = train.add("LTX2AV_VerifyLoRAKeys", model=checkpoint["MODEL"], lora=lora["lora"])

@@ -38,17 +38,20 @@ CONTRACT = {
                             ["cache", "summary"]),
     # audio_vae is an addition to the contract: a cache value holds folders, not model objects.
     "LTX2AV_PreviewCachedAudio": (["cache", "index", "audio_vae"], ["audio"]),
-    "LTX2AV_TrainLoRA": (["model", "cache", "config", "steps_per_queue", "run_name"], ["lora", "loss_history"]),
+    "LTX2AV_TrainLoRA": (["model", "cache", "config", "steps_per_queue", "run_name", "vae", "audio_vae", "clip"],
+                         ["lora", "loss_history"]),
     "LTX2AV_SaveLoRA": (["lora", "filename"], ["path"]),
     "LTX2AV_VerifyLoRAKeys": (["model", "lora", "lora_name"], ["report", "ok"]),
     "LTX2AV_SampleAV": (["model", "clip", "vae", "audio_vae", "prompt", "seed", "steps", "frames", "width", "height",
                          "guidance", "lora", "lora_name"], ["video_lora", "audio_lora", "video_base", "audio_base"]),
+    # Added after the contract: the speaker similarity of an AUDIO with the dataset voice.
+    "LTX2AV_VoiceScore": (["audio", "cache", "reference_file"], ["score", "report"]),
 }
 OUTPUT_TYPES = {
     "dataset": "LTX2AV_DATASET", "cache": "LTX2AV_CACHE", "config": "LTX2AV_CONFIG", "lora": "LTX2AV_LORA",
     "audio": "AUDIO", "report": "STRING", "report_json": "STRING", "summary": "STRING", "loss_history": "STRING",
     "path": "STRING", "ok": "BOOLEAN", "video_lora": "IMAGE", "audio_lora": "AUDIO", "video_base": "IMAGE",
-    "audio_base": "AUDIO",
+    "audio_base": "AUDIO", "score": "FLOAT",
 }
 EVENT_KEYS = {"node", "step", "total", "loss_video", "loss_audio", "audio_weight", "step_time_s", "eta_s"}
 
@@ -124,6 +127,31 @@ def cache(objects, dataset):
     with torch.inference_mode():
         return CacheLatents.execute(dataset, objects["model"], objects["vae"], objects["audio_vae"], objects["clip"],
                                     "tiny_cache", True).args
+
+
+@pytest.fixture(scope="module")
+def mixed_cache(objects, comfy_home):
+    """A cache of one talking clip and one clip without an audio stream (the same pictures, video only)."""
+    import av
+    import numpy as np
+
+    from ltx2_av_trainer.nodes.data_nodes import CacheLatents, LoadDataset
+    from ltx2_av_trainer.trainer.media.encode import write_av_file
+    from ltx2_av_trainer.trainer.synth import make_demo_dataset
+
+    folder = comfy_home["input"] / "mixed_clips"
+    talking = make_demo_dataset(folder, clips_per_speaker=1, seconds=0.8, width=SIZE, height=SIZE)[0]
+    with av.open(str(talking)) as container:
+        pictures = np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
+    write_av_file(folder / "no_audio.mp4", pictures, 25, None, 48000)
+    (folder / "no_audio.txt").write_text("a person looks at the camera without a sound\n", encoding="utf-8")
+    with torch.inference_mode():
+        dataset = LoadDataset.execute("mixed_clips", "ohwx", ".txt", "", 25.0, FRAMES, SIZE, SIZE, True, 0.0, "video",
+                                      1).args[0]
+        cache, summary = CacheLatents.execute(dataset, objects["model"], objects["vae"], objects["audio_vae"],
+                                              objects["clip"], "mixed_cache", False).args
+    assert "Audio latent caching: 1 encoded, 1 failed" in summary
+    return cache
 
 
 def training_config(**changes) -> dict:
@@ -230,7 +258,9 @@ def test_schemas_follow_the_contract(comfy_home):
             assert [o.io_type for o in schema.outputs] == [OUTPUT_TYPES[o] for o in outputs], node_id
     optional = {(n, i.id) for n, s in schemas.items() for i in s.inputs if i.optional}
     assert optional == {("LTX2AV_VerifyLoRAKeys", "lora"), ("LTX2AV_VerifyLoRAKeys", "lora_name"),
-                        ("LTX2AV_SampleAV", "lora"), ("LTX2AV_SampleAV", "lora_name")}
+                        ("LTX2AV_SampleAV", "lora"), ("LTX2AV_SampleAV", "lora_name"), ("LTX2AV_TrainLoRA", "vae"),
+                        ("LTX2AV_TrainLoRA", "audio_vae"), ("LTX2AV_TrainLoRA", "clip"), ("LTX2AV_VoiceScore", "cache"),
+                        ("LTX2AV_VoiceScore", "reference_file")}
     assert schemas["LTX2AV_TrainLoRA"].inputs[3].default == 100
 
 
@@ -451,6 +481,52 @@ def test_cancel_leaves_resumable_state_and_the_next_queue_resumes(objects, cache
 def test_a_changed_run_is_refused_with_the_comfyui_fix(objects, cache, trained):
     with torch.inference_mode(), pytest.raises(Exception, match="use a new run_name"):
         train_node().execute(objects["model"], cache[0], training_config(network_rank=8, train_steps=6), 2, "two_queues")
+
+
+def test_silence_and_blank_prompt_train_with_the_encoder_inputs_and_name_them_without(objects, mixed_cache, events):
+    from ltx2_av_trainer.nodes.train_nodes import run_folder, saved_step
+
+    config = training_config(train_steps=4, audio_missing_audio="silence", preservation_blank=True)
+    with torch.inference_mode(), pytest.raises(ConfigError) as missing:
+        train_node().execute(objects["model"], mixed_cache, config, 4, "silence_without_encoders")
+    assert "audio.missing_audio" in str(missing.value) and "connect the vae" in str(missing.value)
+    assert "audio_vae" in str(missing.value) and "clip" in str(missing.value)
+    assert saved_step(run_folder("silence_without_encoders")) == 0 and events.steps() == []
+    with torch.inference_mode(), pytest.raises(ConfigError, match="audio_vae, clip not connected"):
+        train_node().execute(objects["model"], mixed_cache, config, 4, "silence_partial", vae=objects["vae"])
+    with torch.inference_mode(), pytest.raises(ConfigError, match="sample_every_steps = 2 needs the encoders.*connect the vae"):
+        train_node().execute(objects["model"], mixed_cache, training_config(validation_sample_every_steps=2), 4,
+                             "validation_without_encoders")
+
+    with torch.inference_mode():
+        lora, history_json = train_node().execute(objects["model"], mixed_cache, config, 4, "silence_with_encoders",
+                                                  vae=objects["vae"], audio_vae=objects["audio_vae"],
+                                                  clip=objects["clip"]).args
+    rows = json.loads(history_json)
+    assert lora["step"] == 4 and [r["step"] for r in rows] == [1, 2, 3, 4]
+    # Every step trains the blank-prompt preservation; the steps that drew the audio-free clip train the silence
+    # target, and their chart events carry the regulariser and its loss.
+    assert all(r["loss_blank"] is not None and math.isfinite(r["loss_blank"]) for r in rows)
+    silent_steps = [r["step"] for r in rows if r["regularizer"] == "silence"]
+    assert silent_steps and len(silent_steps) < len(rows)
+    sent = [data for event, data in events.events if event == "ltx2av.train"]
+    for row, point in zip(rows, sent):
+        if row["regularizer"] is None:
+            assert set(point) == EVENT_KEYS
+        else:
+            assert set(point) == EVENT_KEYS | {"regularizer", "loss_regularizer"}
+            assert point["regularizer"] == "silence" and point["loss_regularizer"] == row["loss_regularizer"] > 0
+
+
+def test_chart_events_carry_the_held_out_losses_when_the_row_has_them():
+    from ltx2_av_trainer.nodes.train_nodes import chart_history
+
+    base = {"loss_video": 0.5, "loss_audio": 0.4, "audio_weight": 1.0, "step_time_s": 2.0, "regularizer": None,
+            "loss_regularizer": None, "val_loss_video": None, "val_loss_audio": None}
+    rows = [dict(base, step=1), dict(base, step=2, val_loss_video=0.3, val_loss_audio=0.2)]
+    first, second = chart_history(NODE_ID, rows, total=4)
+    assert set(first) == EVENT_KEYS and second["eta_s"] == 2 * 2.0
+    assert (second["val_loss_video"], second["val_loss_audio"]) == (0.3, 0.2)
 
 
 # ---- save, verify, sample ----------------------------------------------------------------------------------------

@@ -214,6 +214,9 @@ def validation_sampler(config: Config, encoders, *, quiet: bool = False):
 
     v = config.validation
     every = v.sample_every_steps if v.sample_every_steps >= 0 else default_every_n_steps(config.train.device)
+    if every and encoders is None and v.sample_every_steps > 0:
+        raise ConfigError("validation.sample_every_steps needs the encoders that built the cache "
+                          "(pass encoders= to train_from_cache)")
     if not every or encoders is None:
         return None
     reference = note = None
