@@ -27,9 +27,15 @@ from typing import Sequence
 
 import torch
 
-from ..trainer.backends.interface import EncodedAudio
 from ..trainer.backends.fingerprint import module_fingerprint, weights_digest
-from ..trainer.backends.interface import AUDIO_LATENT_CHANNELS, AUDIO_LATENT_MEL_BINS, VIDEO_LATENT_CHANNELS, TextContext
+from ..trainer.backends.interface import (
+    AUDIO_LATENT_CHANNELS,
+    AUDIO_LATENT_MEL_BINS,
+    VIDEO_LATENT_CHANNELS,
+    EncodedAudio,
+    TextContext,
+    encode_padded_audio,
+)
 from ..trainer.cache import AUDIO_SAMPLE_RATE
 from ..trainer.config import ConfigError
 from .comfy_backend import ltxav_diffusion_model, text_context_from_conditioning
@@ -240,15 +246,7 @@ class ComfyEncoders:
 
     def encode_audio_padded(self, waveform: torch.Tensor, valid_samples: Sequence[int]) -> EncodedAudio:
         """``encode_audio`` of a padded batch, with the latent frames of each sample that come from real audio."""
-        if len(valid_samples) != waveform.shape[0]:
-            raise ValueError(f"{len(valid_samples)} valid lengths for a batch of {waveform.shape[0]} waveforms")
-        latents = self.encode_audio(waveform)
-        valid = []
-        for count in valid_samples:
-            if not 0 < int(count) <= waveform.shape[-1]:
-                raise ValueError(f"valid sample count {count} outside 1..{waveform.shape[-1]}")
-            valid.append(min(self.audio_latent_frames(int(count)), latents.shape[2]))
-        return EncodedAudio(latents, valid)
+        return encode_padded_audio(self, waveform, valid_samples)
 
     def decode_audio(self, latents: torch.Tensor) -> tuple[torch.Tensor, int]:
         return decode_audio(self.audio_vae, latents)

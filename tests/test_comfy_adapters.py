@@ -7,7 +7,6 @@ Runs with ``COMFYUI_PATH`` pointing at a ComfyUI checkout (``make test-comfyui``
 from __future__ import annotations
 
 import logging
-import os
 
 import pytest
 import torch
@@ -18,16 +17,6 @@ from ltx2_av_trainer.trainer.networks.files import read_adapter_file, save_netwo
 from ltx2_av_trainer.trainer.networks.layers import factorization
 
 TINY = TinyModelConfig()
-
-
-@pytest.fixture(scope="module")
-def comfy():
-    path = os.environ.get("COMFYUI_PATH")
-    if not path:
-        pytest.skip("COMFYUI_PATH is not set: point it at a ComfyUI checkout to run the ComfyUI tier (make test-comfyui)")
-    from ltx2_av_trainer.nodes.comfy_env import import_model_management
-
-    return import_model_management(path)
 
 
 @pytest.fixture(scope="module")

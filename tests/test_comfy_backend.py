@@ -49,17 +49,6 @@ NORM_EPS_ONLY_BANDS = {
 
 
 @pytest.fixture(scope="module")
-def comfy():
-    """Make ComfyUI importable from ``COMFYUI_PATH`` (CPU library mode); skip the test without it."""
-    path = os.environ.get("COMFYUI_PATH")
-    if not path:
-        pytest.skip("COMFYUI_PATH is not set: point it at a ComfyUI checkout to run the ComfyUI tier (make test-comfyui)")
-    from ltx2_av_trainer.nodes.comfy_env import import_model_management
-
-    return import_model_management(path)
-
-
-@pytest.fixture(scope="module")
 def checkpoints(comfy, tmp_path_factory) -> dict[str, Path]:
     from comfy_fixtures import write_tiny_ltxav_checkpoint
 

@@ -502,18 +502,6 @@ COMFY_FP8_LOSS_TOLERANCE = 5e-2
 
 
 @pytest.fixture(scope="module")
-def comfy():
-    import os
-
-    path = os.environ.get("COMFYUI_PATH")
-    if not path:
-        pytest.skip("COMFYUI_PATH is not set: point it at a ComfyUI checkout to run the ComfyUI tier (make test-comfyui)")
-    from ltx2_av_trainer.nodes.comfy_env import import_model_management
-
-    return import_model_management(path)
-
-
-@pytest.fixture(scope="module")
 def tiny_checkpoint(comfy, tmp_path_factory):
     from comfy_fixtures import write_tiny_ltxav_checkpoint
 

@@ -40,7 +40,7 @@ ADALN = ["time_embed", "audio_time_embed", "av_cross_attn_video_scale_shift", "a
 @pytest.mark.parametrize("version", ["2.0", "2.3"])
 def test_reference_wiring_routes_each_sigma(version):
     denoiser = build_denoiser(ModelConfig(version=version))
-    batch, tokens = 2, 2 * 2 * 3
+    tokens = 2 * 2 * 3  # latent frames x height x width of _inputs
     sigma_video = torch.tensor([[0.0] * 3 + [0.7] * (tokens - 3), [0.0] * 3 + [0.4] * (tokens - 3)])  # per token
     sigma_audio = torch.tensor([0.15, 0.9])
     seen, handles = _record_inputs(denoiser.transformer, ADALN)

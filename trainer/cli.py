@@ -7,7 +7,6 @@ a report take ``--json PATH``. Errors exit non-zero with one line saying what is
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 

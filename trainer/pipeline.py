@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-from .cache import PreparedItem, build_cache, load_training_samples, manifest_entries
+from .cache import PreparedItem, build_cache, load_training_samples
 from .config import Config, ConfigError
 from .console import ConsoleTraining, Progress
 from .dataset import enumerate_dataset

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..config import ConfigError, TinyModelConfig
 from .audio_frontend import LTX2_MEL, MelSettings, audio_latent_count, log_mel_spectrogram
-from .interface import AUDIO_LATENT_CHANNELS, AUDIO_LATENT_MEL_BINS, VIDEO_LATENT_CHANNELS, EncodedAudio, TextContext
+from .interface import AUDIO_LATENT_CHANNELS, AUDIO_LATENT_MEL_BINS, VIDEO_LATENT_CHANNELS, EncodedAudio, TextContext, encode_padded_audio
 from .text_encoder import (
     REAL_MAX_TEXT_LENGTH,
     TextSource,
@@ -139,15 +139,7 @@ class DiffusersEncoders:
         """``encode_audio`` for a batch padded to a common length, with the number of latent frames of
         each sample that come from its real audio (the rest encode the padding). The encoder is causal
         in time; only the centred STFT window of the last valid frame reaches 32 ms into the padding."""
-        if len(valid_samples) != waveform.shape[0]:
-            raise ValueError(f"{len(valid_samples)} valid lengths for a batch of {waveform.shape[0]} waveforms")
-        latents = self.encode_audio(waveform)
-        valid = []
-        for count in valid_samples:
-            if not 0 < int(count) <= waveform.shape[-1]:
-                raise ValueError(f"valid sample count {count} outside 1..{waveform.shape[-1]}")
-            valid.append(min(self.audio_latent_frames(int(count)), latents.shape[2]))
-        return EncodedAudio(latents, valid)
+        return encode_padded_audio(self, waveform, valid_samples)
 
     @torch.no_grad()
     def decode_audio(self, latents: torch.Tensor) -> tuple[torch.Tensor, int]:

@@ -123,6 +123,20 @@ class Encoders(Protocol):
         ...
 
 
+def encode_padded_audio(encoders: "Encoders", waveform: torch.Tensor, valid_samples) -> EncodedAudio:
+    """``encoders.encode_audio`` of a zero-padded batch, with each sample's latent frames that come from real
+    audio (``audio_latent_frames`` of its valid sample count, at most the encoded length)."""
+    if len(valid_samples) != waveform.shape[0]:
+        raise ValueError(f"{len(valid_samples)} valid lengths for a batch of {waveform.shape[0]} waveforms")
+    latents = encoders.encode_audio(waveform)
+    valid = []
+    for count in valid_samples:
+        if not 0 < int(count) <= waveform.shape[-1]:
+            raise ValueError(f"valid sample count {count} outside 1..{waveform.shape[-1]}")
+        valid.append(min(encoders.audio_latent_frames(int(count)), latents.shape[2]))
+    return EncodedAudio(latents, valid)
+
+
 def video_token_count(latent: torch.Tensor) -> int:
     return int(latent.shape[2] * latent.shape[3] * latent.shape[4])
 

@@ -19,7 +19,7 @@ import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Protocol
+from typing import Protocol
 
 import torch
 from torch import nn
