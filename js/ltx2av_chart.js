@@ -117,6 +117,11 @@ class LossChart {
       `audio ${formatNumber(last.loss_audio)}`,
       `weight ${formatNumber(last.audio_weight)}`,
     ];
+    // The latest A/B validation sample's voice scores (validation.sample_every_steps), when there is one.
+    const scored = [...this.history].reverse().find((p) => p.val_voice_score_lora !== undefined);
+    if (scored) {
+      parts.push(`voice ${formatNumber(scored.val_voice_score_lora)} vs base ${formatNumber(scored.val_voice_score_base)} @${scored.step}`);
+    }
     return parts.join(" · ");
   }
 

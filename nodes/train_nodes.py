@@ -54,7 +54,9 @@ TRAIN_EVENT = "ltx2av.train"
 ETA_WINDOW = 20  # steps averaged for the ETA
 # Metrics copied into a chart event only on the steps that have them (held-out losses every N steps; the
 # missing-audio regulariser on steps that drew an audio-free clip).
-OPTIONAL_EVENT_KEYS = ("val_loss_video", "val_loss_audio", "regularizer", "loss_regularizer")
+OPTIONAL_EVENT_KEYS = ("val_loss_video", "val_loss_audio", "regularizer", "loss_regularizer",
+                       # from the A/B validation samples (validation.sample_every_steps)
+                       "val_voice_score_lora", "val_voice_score_base", "val_audio_loss_fixed_sigma")
 ENCODERS_TOOLTIP = "needed for audio.missing_audio silence/audio_dop, preservation dop/blank and validation samples"
 
 

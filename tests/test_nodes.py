@@ -518,15 +518,17 @@ def test_silence_and_blank_prompt_train_with_the_encoder_inputs_and_name_them_wi
             assert point["regularizer"] == "silence" and point["loss_regularizer"] == row["loss_regularizer"] > 0
 
 
-def test_chart_events_carry_the_held_out_losses_when_the_row_has_them():
+def test_chart_events_carry_the_held_out_losses_when_the_row_has_them(comfy_home):
     from ltx2_av_trainer.nodes.train_nodes import chart_history
 
     base = {"loss_video": 0.5, "loss_audio": 0.4, "audio_weight": 1.0, "step_time_s": 2.0, "regularizer": None,
             "loss_regularizer": None, "val_loss_video": None, "val_loss_audio": None}
-    rows = [dict(base, step=1), dict(base, step=2, val_loss_video=0.3, val_loss_audio=0.2)]
-    first, second = chart_history(NODE_ID, rows, total=4)
+    rows = [dict(base, step=1), dict(base, step=2, val_loss_video=0.3, val_loss_audio=0.2),
+            dict(base, step=3, val_voice_score_lora=0.81, val_voice_score_base=0.62, val_audio_loss_fixed_sigma=0.4)]
+    first, second, third = chart_history(NODE_ID, rows, total=4)
     assert set(first) == EVENT_KEYS and second["eta_s"] == 2 * 2.0
     assert (second["val_loss_video"], second["val_loss_audio"]) == (0.3, 0.2)
+    assert (third["val_voice_score_lora"], third["val_voice_score_base"]) == (0.81, 0.62)  # the status line shows them
 
 
 # ---- save, verify, sample ----------------------------------------------------------------------------------------
