@@ -9,6 +9,7 @@ and metrics; every side effect (console, progress, ComfyUI events, Cancel) goes 
 
 from __future__ import annotations
 
+import json
 import math
 import resource
 import sys
@@ -618,6 +619,4 @@ def _peak_memory_bytes(device: torch.device) -> int:
 
 
 def _json_line(row: dict) -> str:
-    import json
-
     return json.dumps(row, default=str) + "\n"
