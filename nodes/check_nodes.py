@@ -2,23 +2,29 @@
 
 Verify LoRA Keys uses ComfyUI's own key map and loader (what LoraLoaderModelOnly does), never our own
 idea of the keys. Sample AV applies the LoRA the same way to a clone of the MODEL and samples with and
-without it from the same seed through ``trainer.sampling``.
+without it from the same seed through ``trainer/evaluation/generation``.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from comfy_api.latest import io
 
-from ..trainer.backends.interface import AUDIO_LATENTS_PER_SECOND
-from ..trainer.cache import AUDIO_SAMPLE_RATE
-from ..trainer.export import GROUPS, METADATA_PREFIX, VerifyReport, module_group
-from ..trainer.networks.files import read_adapter_file
-from ..trainer.sampling import SampleRequest, sample_av
-from .comfy_backend import ComfyDenoiser, detect_comfy_version, ltxav_diffusion_model
-from .comfy_encoders import audio_latent_count, check_audio_vae, check_video_vae, decode_audio, decode_video, encode_prompt
+from ..trainer.adapters.files import read_adapter_file
+from ..trainer.adapters.verify import VerifyReport, verify_report
+from ..trainer.backends.comfyui.denoiser import ComfyDenoiser, detect_comfy_version, ltxav_diffusion_model
+from ..trainer.backends.comfyui.encoders import (
+    audio_latent_count,
+    check_audio_vae,
+    check_video_vae,
+    decode_audio,
+    decode_video,
+    encode_prompt,
+)
+from ..trainer.backends.comfyui.lora_keys import keys_comfyui_applies
+from ..trainer.backends.interface import AUDIO_LATENTS_PER_SECOND, AUDIO_SAMPLE_RATE
+from ..trainer.evaluation.generation import SampleRequest, sample_av
 from .types import CATEGORY_CHECK, LoRAType, audio_value, image_batch, lora_payload
 
 NO_FILE = "(none)"
@@ -52,57 +58,10 @@ def chosen_lora(lora, lora_name: str | None) -> Path:
 
 
 def verify_with_comfyui(model_patcher, path: Path) -> VerifyReport:
-    """Load ``path`` with ComfyUI's key map onto a clone of the MODEL and report what landed.
-
-    ``model_lora_keys_unet`` maps LoRA key prefixes to model weights, ``load_lora`` builds the patches,
-    ``add_patches`` returns the model keys that received one. A file key is consumed when it belongs to a
-    mapped prefix (``<prefix>.lora_up.weight``, ``<prefix>.alpha``, ...) whose weight was patched; every
-    other key is what ComfyUI leaves unloaded.
-    """
-    import comfy.lora
-
-    ltxav_diffusion_model(model_patcher)
+    """The verify report of ``path`` as ComfyUI's own LoRA loader applies it to the MODEL."""
     tensors, metadata = read_adapter_file(path)
-    key_map = comfy.lora.model_lora_keys_unet(model_patcher.model, {})
-    patches = comfy.lora.load_lora(tensors, key_map, log_missing=False)
-    applied = {_target_key(k) for k in model_patcher.clone().add_patches(patches)}
-    prefix_target = {prefix: _target_key(target) for prefix, target in key_map.items()}
-    unloaded = sorted(key for key in tensors if prefix_target.get(_lora_prefix(key, prefix_target)) not in applied)
-    modules = {key.removeprefix("diffusion_model.").rsplit(".", 1)[0] for key in applied}
-    by_group = {group: 0 for group in GROUPS}
-    for module in modules:
-        by_group[module_group(module)] += 1
-    trained = json.loads(metadata.get(METADATA_PREFIX + "groups", "[]"))
-    missing = [group for group in trained if by_group.get(group, 0) == 0]
-    return VerifyReport(file=str(path), total_keys=len(tensors), applied_modules=len(modules), unloaded_keys=unloaded,
-                        by_group=by_group, trained_groups=trained, missing_groups=missing,
-                        ok=not unloaded and not missing and bool(modules))
-
-
-def _target_key(target) -> str:
-    return target if isinstance(target, str) else target[0]  # (key, offset[, function]) for split weights
-
-
-def _lora_prefix(key: str, prefixes: dict) -> str | None:
-    """The longest mapped prefix ``p`` with ``key == p + "." + suffix``."""
-    parts = key.split(".")
-    for cut in range(len(parts) - 1, 0, -1):
-        candidate = ".".join(parts[:cut])
-        if candidate in prefixes:
-            return candidate
-    return None
-
-
-def verify_text(report: VerifyReport) -> str:
-    lines = [report.summary(), f"file: {report.file} ({report.total_keys} keys)",
-             "applied modules per group: " + ", ".join(f"{g}={report.by_group[g]}" for g in GROUPS)]
-    if report.trained_groups:
-        lines.append("groups the run trained: " + ", ".join(report.trained_groups))
-    if report.unloaded_keys:
-        shown = report.unloaded_keys[:20]
-        lines.append(f"keys ComfyUI does not load ({len(report.unloaded_keys)}): " + ", ".join(shown)
-                     + (" ..." if len(report.unloaded_keys) > len(shown) else ""))
-    return "\n".join(lines)
+    applied, unloaded = keys_comfyui_applies(model_patcher, tensors)
+    return verify_report(path, tensors, metadata, applied, unloaded)
 
 
 class VerifyLoRAKeys(io.ComfyNode):
@@ -131,7 +90,7 @@ class VerifyLoRAKeys(io.ComfyNode):
     @classmethod
     def execute(cls, model, lora=None, lora_name: str | None = None) -> io.NodeOutput:
         report = verify_with_comfyui(model, chosen_lora(lora, lora_name))
-        text = verify_text(report)
+        text = report.to_text()
         if report.missing_groups:
             raise ValueError(f"LTX2AV Verify LoRA Keys: the run trained {', '.join(report.missing_groups)} but ComfyUI "
                              f"applies nothing there: those weights would be silently ignored.\n{text}")
@@ -150,7 +109,8 @@ def check_sample_geometry(frames: int, width: int, height: int) -> None:
 
 def sample_with_and_without(model, clip, vae, audio_vae, lora_path: Path, prompt: str, *, seed: int, steps: int,
                             frames: int, width: int, height: int, guidance: float, fps: float = SAMPLE_FPS) -> dict:
-    """{"lora": (IMAGE, AUDIO), "base": (IMAGE, AUDIO)} from the same seed and prompt. The LoRA is applied as
+    """{"lora": (frames, waveform, rate), "base": (...)} from the same seed and prompt: frames ``[3, F, H, W]`` in
+    [-1, 1], waveform ``[1, C, S]`` cut to the clip length at the vocoder's ``rate``. The LoRA is applied as
     LoraLoaderModelOnly does (``comfy.sd.load_lora_for_models`` on a clone); the MODEL itself is untouched."""
     import comfy.sd
     import comfy.utils
@@ -179,7 +139,7 @@ def sample_with_and_without(model, clip, vae, audio_vae, lora_path: Path, prompt
         video, audio = sample_av(ComfyDenoiser(patcher, version, checkpointing="none"), request, device=patcher.load_device)
         waveform, rate = decode_audio(audio_vae, audio)
         valid = int(round(request.audio_frames / AUDIO_LATENTS_PER_SECOND * rate))
-        results[name] = (image_batch(decode_video(vae, video)[0]), audio_value(waveform[:, :, :valid], rate))
+        results[name] = (decode_video(vae, video)[0], waveform[:, :, :valid], rate)
     return results
 
 
@@ -222,5 +182,8 @@ class SampleAV(io.ComfyNode):
                 guidance: float, lora=None, lora_name: str | None = None) -> io.NodeOutput:
         results = sample_with_and_without(model, clip, vae, audio_vae, chosen_lora(lora, lora_name), prompt, seed=seed,
                                           steps=steps, frames=frames, width=width, height=height, guidance=guidance)
-        (video_lora, audio_lora), (video_base, audio_base) = results["lora"], results["base"]
-        return io.NodeOutput(video_lora, audio_lora, video_base, audio_base)
+        outputs = []
+        for name in ("lora", "base"):
+            frames, waveform, rate = results[name]
+            outputs += [image_batch(frames), audio_value(waveform, rate)]
+        return io.NodeOutput(*outputs)

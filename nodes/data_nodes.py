@@ -13,17 +13,17 @@ from pathlib import Path
 import torch
 from comfy_api.latest import io
 
-from ..trainer.backends.interface import AUDIO_LATENTS_PER_SECOND
-from ..trainer.cache import AUDIO_SAMPLE_RATE, load_entry, manifest_entries
+from ..trainer.app.pipeline import cache_dataset
+from ..trainer.backends.comfyui.denoiser import detect_comfy_version, ltxav_diffusion_model
+from ..trainer.backends.comfyui.encoders import ComfyEncoders, decode_audio
+from ..trainer.backends.comfyui.env import import_model_management
+from ..trainer.backends.interface import AUDIO_LATENTS_PER_SECOND, AUDIO_SAMPLE_RATE
 from ..trainer.config import Config, DatasetConfig, DatasetSource
-from ..trainer.dataset import enumerate_dataset, scan_dataset
-from ..trainer.doctor import run_doctor
-from ..trainer.media.decode import decode_audio as decode_media_audio
-from ..trainer.media.probe import MediaError
-from ..trainer.pipeline import cache_dataset, prepare_for_cache
-from .comfy_backend import detect_comfy_version, ltxav_diffusion_model
-from .comfy_encoders import ComfyEncoders, decode_audio
-from .comfy_env import import_model_management
+from ..trainer.data.cache import load_entry, manifest_entries, prepare_for_cache
+from ..trainer.data.dataset import enumerate_dataset, scan_dataset
+from ..trainer.data.doctor import run_doctor
+from ..trainer.data.media.decode import decode_audio as decode_media_audio
+from ..trainer.data.media.probe import MediaError
 from .types import (
     CACHE_ROOT,
     CATEGORY_DATA,

@@ -48,11 +48,9 @@ def docs_url_prefix(pack_folder: str | None = None) -> str:
     return f"/extensions/{pack_folder or PACK_DIR.name}/docs"
 
 
-def docs_route(pack_folder: str | None = None):
-    """The aiohttp static route serving ``nodes/docs`` at ``docs_url_prefix``."""
-    from aiohttp import web
-
-    return web.static(docs_url_prefix(pack_folder), str(DOCS_DIR))
+def add_docs_route(routes, pack_folder: str | None = None) -> None:
+    """Serve ``nodes/docs`` at ``docs_url_prefix`` on an aiohttp route table (ComfyUI's ``PromptServer.routes``)."""
+    routes.static(docs_url_prefix(pack_folder), str(DOCS_DIR))
 
 
 def register_docs_route() -> bool:
@@ -64,7 +62,7 @@ def register_docs_route() -> bool:
     instance = getattr(PromptServer, "instance", None)
     if instance is None:
         return False
-    instance.routes.static(docs_url_prefix(), str(DOCS_DIR))
+    add_docs_route(instance.routes)
     return True
 
 

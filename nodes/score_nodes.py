@@ -1,6 +1,6 @@
 """Voice Score: how close an AUDIO is to the dataset's voice (Resemblyzer speaker similarity).
 
-Thin: the reference and the score come from ``trainer.voice_score``. Connect the A/B outputs of Sample A/B to
+Thin: the reference and the score come from ``trainer/evaluation/voice_score``. Connect the A/B outputs of Sample A/B to
 two Voice Score nodes to see the gain the LoRA brings (same seed and prompt, with and without it).
 """
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 from comfy_api.latest import io
 
-from ..trainer.voice_score import VoiceReference, score_waveform
+from ..trainer.evaluation.voice_score import VoiceReference, score_waveform
 from .types import CATEGORY_CHECK, CacheType
 
 # References are built once per cache folder (decoding and embedding every clip takes seconds).

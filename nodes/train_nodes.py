@@ -1,6 +1,6 @@
 """Training nodes: the training config, the LoRA training itself (N steps per queue, live chart), saving.
 
-Train LoRA runs ``trainer.pipeline.train_from_cache`` on a ``ComfyDenoiser`` over the loader's MODEL (no
+Train LoRA runs ``trainer/app/pipeline.train_from_cache`` on a ``ComfyDenoiser`` over the loader's MODEL (no
 second copy of the weights). Its run folder is ``<ComfyUI output>/ltx2av_runs/<run_name>``; each queue
 trains ``steps_per_queue`` more steps (``until_step``) and the next queue resumes from the run's saved
 state, until ``train.steps`` (the run's total) is reached. Cancel raises ComfyUI's
@@ -24,17 +24,16 @@ from pathlib import Path
 import torch
 from comfy_api.latest import io
 
+from ..trainer.adapters.files import METADATA_PREFIX, read_adapter_file
+from ..trainer.app.pipeline import train_from_cache
+from ..trainer.backends.comfyui.denoiser import ComfyDenoiser, detect_comfy_version, ltxav_diffusion_model
+from ..trainer.backends.comfyui.encoders import ComfyEncoders
+from ..trainer.backends.comfyui.env import comfy_training_mode
 from ..trainer.config import Config, ConfigError
-from ..trainer.console import ConsoleTraining
-from ..trainer.export import METADATA_PREFIX
-from ..trainer.networks.files import read_adapter_file
 from ..trainer.io_utils import atomic_path, read_jsonl
-from ..trainer.loop import TrainingError
-from ..trainer.pipeline import train_from_cache
-from ..trainer.state import find_latest_state
-from .comfy_backend import ComfyDenoiser, detect_comfy_version, ltxav_diffusion_model
-from .comfy_encoders import ComfyEncoders
-from .comfy_env import comfy_training_mode, import_model_management
+from ..trainer.training.loop import TrainingError
+from ..trainer.training.state import find_latest_state
+from .chart import ComfyTraining, chart_history
 from .config_widgets import config_from_widgets, training_widgets, widget_inputs
 from .types import (
     CATEGORY_TRAIN,
@@ -50,13 +49,6 @@ from .types import (
 
 log = logging.getLogger(__name__)
 
-TRAIN_EVENT = "ltx2av.train"
-ETA_WINDOW = 20  # steps averaged for the ETA
-# Metrics copied into a chart event only on the steps that have them (held-out losses every N steps; the
-# missing-audio regulariser on steps that drew an audio-free clip).
-OPTIONAL_EVENT_KEYS = ("val_loss_video", "val_loss_audio", "regularizer", "loss_regularizer",
-                       # from the A/B validation samples (validation.sample_every_steps)
-                       "val_voice_score_lora", "val_voice_score_base", "val_audio_loss_fixed_sigma")
 ENCODERS_TOOLTIP = "needed for audio.missing_audio silence/audio_dop, preservation dop/blank and validation samples"
 
 
@@ -120,85 +112,6 @@ def run_config(config_value: dict, cache: dict, run_dir: Path, run_name: str, mo
 def lora_file(config: Config, step: int) -> Path:
     """The LoRA the trainer exported at ``step`` (``lora/<name>_<step>.safetensors``)."""
     return Path(config.output.dir) / "lora" / f"{config.output.name}_{step:06d}.safetensors"
-
-
-# ---- the live chart ---------------------------------------------------------------------------------------
-
-
-def chart_point(node: str, row: dict, total: int, recent_step_times: list[float]) -> dict:
-    """One chart event (the contract's payload) from a metrics.jsonl row."""
-    recent = recent_step_times[-ETA_WINDOW:]
-    mean_time = sum(recent) / len(recent) if recent else row["step_time_s"]
-    point = {
-        "node": node,
-        "step": row["step"],
-        "total": total,
-        "loss_video": row["loss_video"],
-        "loss_audio": row["loss_audio"],
-        "audio_weight": row["audio_weight"],
-        "step_time_s": row["step_time_s"],
-        "eta_s": max(0, total - row["step"]) * mean_time,
-    }
-    for key in OPTIONAL_EVENT_KEYS:
-        if row.get(key) is not None:
-            point[key] = row[key]
-    return point
-
-
-def chart_history(node: str, rows: list[dict], total: int) -> list[dict]:
-    """The chart points of every step in ``rows`` (metrics.jsonl), computed as the live events were."""
-    points, times = [], []
-    for row in rows:
-        times.append(row["step_time_s"])
-        points.append(chart_point(node, row, total, times))
-    return points
-
-
-def send_train_event(point: dict) -> bool:
-    """Send one chart point to the browser; False when no ComfyUI server runs in this process."""
-    try:
-        from server import PromptServer
-    except ImportError:  # library use (CLI, tests without a server): nobody to send to
-        return False
-    instance = getattr(PromptServer, "instance", None)
-    if instance is None:
-        return False
-    instance.send_sync(TRAIN_EVENT, point)
-    return True
-
-
-class ComfyTraining(ConsoleTraining):
-    """Console lines and TensorBoard (``ConsoleTraining``) plus ComfyUI's progress bar, Cancel and the chart."""
-
-    def __init__(self, node: str, config: Config):
-        tensorboard = Path(config.output.dir) / "tensorboard" if config.logging.tensorboard else None
-        super().__init__(quiet=config.logging.quiet, tensorboard_dir=tensorboard)
-        self.node = node
-        self.total = config.train.steps
-        self.points: list[dict] = []
-        self._times: list[float] = []
-        self._bar = None
-
-    def on_start(self, trainer) -> None:
-        import comfy.utils
-
-        super().on_start(trainer)
-        # The run so far (the trainer has already cut metrics.jsonl back to the resumed step).
-        for row in read_jsonl(Path(trainer.run_dir) / "metrics.jsonl"):
-            self._times.append(row["step_time_s"])
-            self.points.append(chart_point(self.node, row, self.total, self._times))
-        self._bar = comfy.utils.ProgressBar(self.total)
-        self._bar.update_absolute(trainer.step)
-
-    def on_step(self, trainer, metrics: dict) -> None:
-        super().on_step(trainer, metrics)
-        self._times.append(metrics["step_time_s"])
-        point = chart_point(self.node, metrics, self.total, self._times)
-        self.points.append(point)
-        send_train_event(point)
-        self._bar.update_absolute(metrics["step"])
-        # The bar's hook is throttled; this check makes Cancel stop within one step.
-        import_model_management().throw_exception_if_processing_interrupted()
 
 
 # ---- Train LoRA ---------------------------------------------------------------------------------------------

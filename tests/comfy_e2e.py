@@ -98,8 +98,8 @@ def write_frontend_settings(base_dir: Path) -> None:
 
 
 def prepare_test_home(base_dir: Path, comfyui: Path) -> Path:
-    from ltx2_av_trainer.nodes.comfy_env import import_model_management
-    from ltx2_av_trainer.trainer.synth import make_demo_dataset
+    from ltx2_av_trainer.trainer.backends.comfyui.env import import_model_management
+    from ltx2_av_trainer.trainer.data.synth import make_demo_dataset
 
     import_model_management(comfyui)  # the tiny models are built with ComfyUI's classes, in this process
     prepare_base_directory(base_dir, extra_custom_nodes={"ltx2av_test_pack": TEST_PACK})

@@ -2,7 +2,8 @@
 
 The checkpoint is what ``comfy.sd.load_diffusion_model`` detects as LTXAV: keys ``model.diffusion_model.*``
 and safetensors metadata ``{"config": json.dumps({"transformer": cfg})}``. ``cfg`` carries the real
-checkpoints' positioning settings (facts §4b) because ComfyUI's code defaults differ from them on all five;
+checkpoints' positioning settings (split RoPE, float64 frequencies, middle-indices grid, causal positioning,
+cross-attention timestep multiplier 1000) because ComfyUI's code defaults differ from them on all five;
 without them no diffusers model could match ComfyUI's forward.
 
 Needs ComfyUI importable (the ComfyUI-tier tests put ``COMFYUI_PATH`` on ``sys.path`` first).
@@ -106,7 +107,7 @@ def write_tiny_ltxav_checkpoint(folder: Path, version: str, tiny: TinyModelConfi
     return path
 
 
-# ---- ComfyUI / ltx-core keys → diffusers LTX2VideoTransformer3DModel keys (facts §4b) -------------------
+# ---- ComfyUI / ltx-core keys → diffusers LTX2VideoTransformer3DModel keys -----------------------------
 
 # Top-level renames apply only at the start of a key: a substring replace would corrupt
 # av_ca_*_adaln_single (which contains "adaln_single.").

@@ -13,7 +13,7 @@
   LTXAV checkpoint of ``comfy_fixtures`` (2.0: one projection to ``caption_channels``; 2.3: the dual
   video/audio projection to the stream widths).
 
-Needs ComfyUI importable (call ``comfy_env.import_model_management`` first).
+Needs ComfyUI importable (call ``backends.comfyui.env.import_model_management`` first).
 """
 
 from __future__ import annotations

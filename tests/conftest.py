@@ -16,6 +16,6 @@ def comfy():
     path = os.environ.get("COMFYUI_PATH")
     if not path:
         pytest.skip("COMFYUI_PATH is not set: point it at a ComfyUI checkout to run the ComfyUI tier (make test-comfyui)")
-    from ltx2_av_trainer.nodes.comfy_env import import_model_management
+    from ltx2_av_trainer.trainer.backends.comfyui.env import import_model_management
 
     return import_model_management(path)

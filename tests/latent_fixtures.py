@@ -6,7 +6,7 @@ import torch
 
 from ltx2_av_trainer.trainer.backends.interface import TextContext
 from ltx2_av_trainer.trainer.config import Config
-from ltx2_av_trainer.trainer.data import LatentSample
+from ltx2_av_trainer.trainer.data.batches import LatentSample
 
 
 def text_widths(config: Config) -> tuple[int, int]:

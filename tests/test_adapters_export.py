@@ -1,12 +1,13 @@
 import pytest
 import torch
 
-from ltx2_av_trainer.trainer.adapters import build_lora, select_targets
+from ltx2_av_trainer.trainer.adapters.network import build_lora, select_targets
 from ltx2_av_trainer.trainer.backends.diffusers_backend import build_denoiser, diffusers_to_reference_path
 from ltx2_av_trainer.trainer.config import ConfigError, ModelConfig, NetworkConfig
-from ltx2_av_trainer.trainer.export import GROUPS, module_group, verify_lora_keys
-from ltx2_av_trainer.trainer.networks.files import read_adapter_file
-from ltx2_av_trainer.trainer.networks.files import save_network
+from ltx2_av_trainer.trainer.adapters.files import GROUPS, module_group
+from ltx2_av_trainer.trainer.adapters.verify import verify_lora_keys
+from ltx2_av_trainer.trainer.adapters.files import read_adapter_file
+from ltx2_av_trainer.trainer.adapters.files import save_network
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ import torch
 
 from ltx2_av_trainer.trainer.backends.diffusers_backend import build_denoiser
 from ltx2_av_trainer.trainer.config import ConfigError
-from ltx2_av_trainer.trainer.loop import Trainer, TrainingError
-from ltx2_av_trainer.trainer.sampler import AudioAwareBatchSampler
+from ltx2_av_trainer.trainer.training.loop import Trainer, TrainingError
+from ltx2_av_trainer.trainer.data.batch_sampler import AudioAwareBatchSampler
 
 from latent_fixtures import tiny_config
 from voice_fixtures import metric_rows, mixed_samples

@@ -12,7 +12,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from ltx2_av_trainer.trainer.bench import (
+from ltx2_av_trainer.trainer.app.bench import (
     BenchConfig,
     BenchRun,
     _cpu_step_peak_bytes,
@@ -20,7 +20,7 @@ from ltx2_av_trainer.trainer.bench import (
     reference_lora_targets,
     run_bench,
 )
-from ltx2_av_trainer.trainer.bench_cli import add_bench_arguments
+from ltx2_av_trainer.trainer.app.bench_cli import add_bench_arguments
 from ltx2_av_trainer.trainer.config import ConfigError
 
 
@@ -141,7 +141,7 @@ def test_cli_prints_a_table_and_writes_the_json_report(tmp_path, capsys):
 
 
 def test_bench_precisions_match_the_loop():
-    from ltx2_av_trainer.trainer.bench_cli import PRECISIONS
-    from ltx2_av_trainer.trainer.loop import PRECISION_DTYPES
+    from ltx2_av_trainer.trainer.app.bench_cli import PRECISIONS
+    from ltx2_av_trainer.trainer.training.loop import PRECISION_DTYPES
 
     assert set(PRECISIONS) == set(PRECISION_DTYPES)

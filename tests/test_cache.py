@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from ltx2_av_trainer.trainer.cache import load_training_samples, manifest_entries, validate_entry
+from ltx2_av_trainer.trainer.data.cache import load_training_samples, manifest_entries, validate_entry
 from ltx2_av_trainer.trainer.config import Config
-from ltx2_av_trainer.trainer.networks.files import read_adapter_file
-from ltx2_av_trainer.trainer.pipeline import build_headless_encoders, cache_dataset
+from ltx2_av_trainer.trainer.adapters.files import read_adapter_file
+from ltx2_av_trainer.trainer.app.pipeline import build_headless_encoders, cache_dataset
 
 from media_corpus import EXPECTED, build_corpus, corpus_dataset_config
 
@@ -158,8 +158,8 @@ save_every = 2
 
 @pytest.mark.parametrize("version", ["2.0", "2.3"])
 def test_cli_doctor_cache_train_verify_sample_source_free(tmp_path, version, capsys):
-    from ltx2_av_trainer.trainer.cli import main
-    from ltx2_av_trainer.trainer.synth import make_demo_dataset
+    from ltx2_av_trainer.trainer.app.cli import main
+    from ltx2_av_trainer.trainer.data.synth import make_demo_dataset
 
     clips = tmp_path / "clips"
     make_demo_dataset(clips, clips_per_speaker=3, seconds=0.6, width=64, height=64)
@@ -183,7 +183,7 @@ def test_cli_doctor_cache_train_verify_sample_source_free(tmp_path, version, cap
 
 
 def test_cli_errors_are_one_clear_line(tmp_path, capsys):
-    from ltx2_av_trainer.trainer.cli import main
+    from ltx2_av_trainer.trainer.app.cli import main
 
     bad = tmp_path / "bad.toml"
     bad.write_text("[train]\nstepz = 3\n", encoding="utf-8")
@@ -219,8 +219,8 @@ sample_steps = 2
 def test_pipeline_wires_encoder_backed_options(tmp_path):
     """Options that need the encoders (encoded silence, preservation prompts, connector inputs, validation
     samples with voice scores) work through `cache` + `train` on the headless backend, ending with report.html."""
-    from ltx2_av_trainer.trainer.cli import main
-    from ltx2_av_trainer.trainer.synth import make_demo_dataset
+    from ltx2_av_trainer.trainer.app.cli import main
+    from ltx2_av_trainer.trainer.data.synth import make_demo_dataset
 
     clips = tmp_path / "clips"
     make_demo_dataset(clips, clips_per_speaker=4, seconds=0.6, width=64, height=64)

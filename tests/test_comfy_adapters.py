@@ -11,10 +11,10 @@ import logging
 import pytest
 import torch
 
-from ltx2_av_trainer.trainer.adapters import build_lora
+from ltx2_av_trainer.trainer.adapters.network import build_lora
 from ltx2_av_trainer.trainer.config import NetworkConfig, TinyModelConfig
-from ltx2_av_trainer.trainer.networks.files import read_adapter_file, save_network
-from ltx2_av_trainer.trainer.networks.layers import factorization
+from ltx2_av_trainer.trainer.adapters.files import read_adapter_file, save_network
+from ltx2_av_trainer.trainer.adapters.layers import factorization
 
 TINY = TinyModelConfig()
 
@@ -108,7 +108,7 @@ def test_adapter_on_comfyuis_own_forward_matches_comfyuis_merge(comfy, tmp_path,
     import comfy.sd
 
     from comfy_fixtures import write_tiny_ltxav_checkpoint
-    from ltx2_av_trainer.nodes.comfy_backend import ComfyDenoiser
+    from ltx2_av_trainer.trainer.backends.comfyui.denoiser import ComfyDenoiser
     from test_comfy_backend import reference_inputs, relative_error
 
     checkpoint = write_tiny_ltxav_checkpoint(tmp_path, "2.0", TINY)

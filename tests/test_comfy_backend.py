@@ -33,7 +33,7 @@ GRADIENT_TOLERANCE = 1e-4
 #   video stream after the in-place a2v update);  q/k RMSNorm eps 1e-5 instead of 1e-6 alone: 2.0 4.5e-6 /
 #   5.1e-6, 2.3 1.9e-6 / 2.1e-6.
 # The bands are about ±25 %: a ComfyUI upgrade that changes either deviation leaves them; then re-measure,
-# re-record here and in the facts (§4b), and decide whether the neutralisation still applies.
+# re-record here, and decide whether the neutralisation still applies.
 UNMODIFIED_COMFYUI_BANDS = {
     # version: ((video low, video high), (audio low, audio high))
     "2.0": ((0.008, 0.013), (0.045, 0.075)),
@@ -69,7 +69,7 @@ def reference_pair(path: Path, version: str, checkpointing: str = "block", wirin
     from safetensors.torch import load_file
 
     from comfy_fixtures import diffusers_denoiser_from_comfy_state
-    from ltx2_av_trainer.nodes.comfy_backend import ComfyDenoiser
+    from ltx2_av_trainer.trainer.backends.comfyui.denoiser import ComfyDenoiser
 
     denoiser = ComfyDenoiser(load_like_a_node(path), version, checkpointing=checkpointing, cross_modal_sigma=wiring)
     denoiser.load()
@@ -190,7 +190,7 @@ def _reference_order_forward(block, original_forward):
 def test_backend_imports_without_comfyui():
     """CI has no ComfyUI: importing the backend module must not import it."""
     code = (
-        "import sys; import ltx2_av_trainer.nodes.comfy_backend, ltx2_av_trainer.nodes.comfy_env; "
+        "import sys; import ltx2_av_trainer.trainer.backends.comfyui.denoiser, ltx2_av_trainer.trainer.backends.comfyui.env; "
         "assert 'comfy' not in sys.modules, 'comfy imported at import time'"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("COMFYUI_PATH", "PYTHONPATH")}
@@ -199,7 +199,7 @@ def test_backend_imports_without_comfyui():
 
 
 def test_comfyui_path_that_is_not_a_checkout_is_named_in_the_error(tmp_path):
-    from ltx2_av_trainer.nodes.comfy_env import ComfyUnavailableError, add_comfyui_to_path
+    from ltx2_av_trainer.trainer.backends.comfyui.env import ComfyUnavailableError, add_comfyui_to_path
 
     with pytest.raises(ComfyUnavailableError, match=f"{tmp_path}.*not a ComfyUI checkout.*COMFYUI_PATH"):
         add_comfyui_to_path(tmp_path)
@@ -355,8 +355,8 @@ def test_trains_on_loader_model_inside_inference_mode_without_second_copy(checkp
     import comfy.sample
     from comfy.nested_tensor import NestedTensor
 
-    from ltx2_av_trainer.nodes.comfy_backend import ComfyDenoiser, has_inference_tensors
-    from ltx2_av_trainer.nodes.comfy_env import comfy_training_mode
+    from ltx2_av_trainer.trainer.backends.comfyui.denoiser import ComfyDenoiser, has_inference_tensors
+    from ltx2_av_trainer.trainer.backends.comfyui.env import comfy_training_mode
 
     patcher = load_like_a_node(checkpoints["2.0"])
     module = patcher.model
@@ -433,7 +433,7 @@ def test_matches_comfyui_sampling_path_at_shared_sigma(checkpoints):
     text made from a CONDITIONING tensor by ComfyUI's connectors: checks the σ scale and the context layout."""
     import comfy.utils
 
-    from ltx2_av_trainer.nodes.comfy_backend import ComfyDenoiser, text_context_from_conditioning
+    from ltx2_av_trainer.trainer.backends.comfyui.denoiser import ComfyDenoiser, text_context_from_conditioning
 
     patcher = load_like_a_node(checkpoints["2.0"])
     denoiser = ComfyDenoiser(patcher, "2.0")
@@ -477,7 +477,7 @@ def test_fingerprint_is_stable_and_ignores_applied_weight_patches(checkpoints, t
     import comfy.lora
 
     from comfy_fixtures import write_tiny_ltxav_checkpoint
-    from ltx2_av_trainer.nodes.comfy_backend import ComfyDenoiser
+    from ltx2_av_trainer.trainer.backends.comfyui.denoiser import ComfyDenoiser
 
     first = ComfyDenoiser(load_like_a_node(checkpoints["2.0"]), "2.0")
     second = ComfyDenoiser(load_like_a_node(checkpoints["2.0"]), "2.0")
@@ -499,7 +499,7 @@ def test_fingerprint_is_stable_and_ignores_applied_weight_patches(checkpoints, t
 
 @pytest.mark.comfyui
 def test_clear_errors_for_wrong_version_and_inputs(checkpoints):
-    from ltx2_av_trainer.nodes.comfy_backend import ComfyDenoiser
+    from ltx2_av_trainer.trainer.backends.comfyui.denoiser import ComfyDenoiser
 
     patcher = load_like_a_node(checkpoints["2.0"])
     with pytest.raises(ConfigError, match=r'model.version is .2.3. but the MODEL is LTX-2.0'):

@@ -6,13 +6,13 @@ import dataclasses
 import pytest
 import torch
 
-from ltx2_av_trainer.trainer.adapters import load_lora_file
+from ltx2_av_trainer.trainer.adapters.network import load_lora_file
 from ltx2_av_trainer.trainer.backends.diffusers_backend import build_denoiser
 from ltx2_av_trainer.trainer.backends.text_encoder import build_tiny_text_encoder
 from ltx2_av_trainer.trainer.config import ConfigError, TinyModelConfig
-from ltx2_av_trainer.trainer.connectors import ConnectorStack, TextFeatures, capture_text_features
-from ltx2_av_trainer.trainer.loop import Trainer
-from ltx2_av_trainer.trainer.networks.files import read_adapter_file
+from ltx2_av_trainer.trainer.backends.text_connectors import ConnectorStack, TextFeatures, capture_text_features
+from ltx2_av_trainer.trainer.training.loop import Trainer
+from ltx2_av_trainer.trainer.adapters.files import read_adapter_file
 
 from latent_fixtures import make_samples, tiny_config
 

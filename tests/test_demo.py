@@ -7,7 +7,7 @@ import av
 import pytest
 from safetensors import safe_open
 
-from ltx2_av_trainer.trainer.cli import main
+from ltx2_av_trainer.trainer.app.cli import main
 
 METRIC_FIELDS = {"step", "loss", "loss_video", "loss_audio", "audio_weight", "sigma_video", "sigma_audio", "lr",
                  "audio_supervised", "regularizer", "step_time_s", "peak_mem_bytes"}
@@ -93,8 +93,8 @@ def test_score_and_report_commands(demo_dir, capsys):
 
 
 def test_second_cache_run_reuses_everything(demo_dir):
-    from ltx2_av_trainer.trainer.demo import demo_config
-    from ltx2_av_trainer.trainer.pipeline import build_headless_encoders, cache_dataset
+    from ltx2_av_trainer.trainer.app.demo import demo_config
+    from ltx2_av_trainer.trainer.app.pipeline import build_headless_encoders, cache_dataset
 
     config = demo_config(demo_dir, 400, "2.0")
     summary = cache_dataset(config, build_headless_encoders(config), quiet=True)

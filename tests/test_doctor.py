@@ -10,7 +10,7 @@ import media_corpus as corpus
 import numpy as np
 import pytest
 from ltx2_av_trainer.trainer.config import DatasetConfig, DatasetSource
-from ltx2_av_trainer.trainer.dataset import (
+from ltx2_av_trainer.trainer.data.dataset import (
     DatasetError,
     apply_trigger,
     enumerate_dataset,
@@ -18,9 +18,9 @@ from ltx2_av_trainer.trainer.dataset import (
     scan_dataset,
     training_items,
 )
-from ltx2_av_trainer.trainer.doctor import DoctorThresholds, diagnose, run_doctor
+from ltx2_av_trainer.trainer.data.doctor import DoctorThresholds, diagnose, run_doctor
 from ltx2_av_trainer.trainer.io_utils import TMP_PREFIX
-from ltx2_av_trainer.trainer.media.timing import prepare_item
+from ltx2_av_trainer.trainer.data.media.timing import prepare_item
 
 CONTRACT_FIELDS = ["path", "ok", "has_audio", "audio_seconds", "video_seconds", "fps", "frames", "sample_rate",
                    "channels", "loudness_lufs", "peak_dbfs", "clipped_fraction", "silence_fraction", "caption",

@@ -48,7 +48,7 @@ NODE_IDS = {
     "LTX2AV_VerifyLoRAKeys", "LTX2AV_SampleAV",
 }
 EVENT_KEYS = {"node", "step", "total", "loss_video", "loss_audio", "audio_weight", "step_time_s", "eta_s"}
-# LoRA modules a voice needs: both audio attentions and both cross-modal attentions (facts §2, §3).
+# LoRA modules a voice needs: both audio attentions and both cross-modal attentions.
 AUDIO_MODULES = ("audio_attn1", "audio_attn2", "audio_to_video_attn", "video_to_audio_attn")
 
 
@@ -82,7 +82,7 @@ def log_since(server: ComfyServer, offset: int) -> str:
 
 
 def saved_step(run_dir: Path) -> int:
-    from ltx2_av_trainer.trainer.state import find_latest_state
+    from ltx2_av_trainer.trainer.training.state import find_latest_state
 
     state = find_latest_state(run_dir)
     assert state is not None, f"{run_dir} holds no resumable state"

@@ -9,10 +9,10 @@ import torch
 from ltx2_av_trainer.trainer.backends.diffusers_backend import build_denoiser
 from ltx2_av_trainer.trainer.backends.interface import TextContext
 from ltx2_av_trainer.trainer.config import ConfigError
-from ltx2_av_trainer.trainer.data import collate, drop_captions, truncate_audio
-from ltx2_av_trainer.trainer.loop import Trainer, training_step
-from ltx2_av_trainer.trainer.losses import audio_padding_mask
-from ltx2_av_trainer.trainer.timesteps import AUDIO_OFFSET_DIMS, VIDEO_OFFSET_DIMS, offset_noise
+from ltx2_av_trainer.trainer.data.batches import collate, drop_captions, truncate_audio
+from ltx2_av_trainer.trainer.training.loop import Trainer, training_step
+from ltx2_av_trainer.trainer.training.losses import audio_padding_mask
+from ltx2_av_trainer.trainer.training.timesteps import AUDIO_OFFSET_DIMS, VIDEO_OFFSET_DIMS, offset_noise
 
 from latent_fixtures import make_samples, tiny_config
 

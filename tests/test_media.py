@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 import torch
 from ltx2_av_trainer.trainer.backends.audio_frontend import log_mel_spectrogram
-from ltx2_av_trainer.trainer.media import audio as A
-from ltx2_av_trainer.trainer.media import decode as D
-from ltx2_av_trainer.trainer.media.probe import MediaError, probe_media
-from ltx2_av_trainer.trainer.media.timing import (
+from ltx2_av_trainer.trainer.data.media import audio as A
+from ltx2_av_trainer.trainer.data.media import decode as D
+from ltx2_av_trainer.trainer.data.media.probe import MediaError, probe_media
+from ltx2_av_trainer.trainer.data.media.timing import (
     ClipSpec,
     audio_latent_index,
     choose_frame_bucket,

@@ -23,16 +23,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ltx2_av_trainer.trainer.adapters import build_lora
+from ltx2_av_trainer.trainer.adapters.network import build_lora
 from ltx2_av_trainer.trainer.backends.diffusers_backend import build_denoiser
 from ltx2_av_trainer.trainer.backends.interface import DenoiserInput
 from ltx2_av_trainer.trainer.config import Config, ConfigError, ModelConfig
-from ltx2_av_trainer.trainer.data import collate
-from ltx2_av_trainer.trainer.loop import Trainer
+from ltx2_av_trainer.trainer.data.batches import collate
+from ltx2_av_trainer.trainer.training.loop import Trainer
 from ltx2_av_trainer.trainer.memory.activation_offload import OffloadedCheckpoint
 from ltx2_av_trainer.trainer.memory.attention import check_attention, select_attention, text_mask_for
 from ltx2_av_trainer.trainer.memory.block_swap import MAX_SWAPPED_RESIDENT, BlockSwapper, swapped_block_indices
-from ltx2_av_trainer.trainer.memory.options import MemoryConfig, validate_memory
+from ltx2_av_trainer.trainer.config import MemoryConfig, validate_memory
 from ltx2_av_trainer.trainer.memory.quantize import (
     QuantizedLinear,
     dequantized_weight,
@@ -512,7 +512,7 @@ def tiny_checkpoint(comfy, tmp_path_factory):
 
 def train_on_comfy_model(tmp_path, name: str, patcher) -> tuple[list[float], list[float]]:
     """The node's path: ComfyDenoiser loaded outside inference mode, then the real Trainer."""
-    from ltx2_av_trainer.nodes.comfy_backend import ComfyDenoiser
+    from ltx2_av_trainer.trainer.backends.comfyui.denoiser import ComfyDenoiser
 
     cfg = tiny_config(tmp_path / name, **{"train.steps": 8, "output.save_every": 1000})
     denoiser = ComfyDenoiser(patcher, "2.0")
@@ -526,7 +526,7 @@ def train_on_comfy_model(tmp_path, name: str, patcher) -> tuple[list[float], lis
 def test_lora_trains_on_a_comfyui_fp8_checkpoint_through_the_trainer(comfy, tiny_checkpoint, tmp_path):
     import comfy.sd
 
-    from ltx2_av_trainer.nodes.comfy_memory import base_weight_formats
+    from ltx2_av_trainer.trainer.backends.comfyui.memory import base_weight_formats
 
     with torch.inference_mode():  # as a loader node runs
         fp32 = comfy.sd.load_diffusion_model(str(tiny_checkpoint))
@@ -578,9 +578,9 @@ def write_scaled_fp8_checkpoint(folder: Path) -> tuple[Path, dict[str, torch.Ten
 def test_forward_wrapping_lora_trains_on_a_comfyui_scaled_fp8_linear(comfy, tmp_path):
     import comfy.sd
 
-    from ltx2_av_trainer.nodes.comfy_memory import base_weight_formats, is_comfy_linear
+    from ltx2_av_trainer.trainer.backends.comfyui.memory import base_weight_formats, is_comfy_linear
     from ltx2_av_trainer.trainer.config import NetworkConfig
-    from ltx2_av_trainer.trainer.networks.layers import LoRALayer
+    from ltx2_av_trainer.trainer.adapters.layers import LoRALayer
 
     path, original = write_scaled_fp8_checkpoint(tmp_path)
     with torch.inference_mode():

@@ -4,13 +4,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ltx2_av_trainer.trainer.adapters import build_lora, load_lora_file
+from ltx2_av_trainer.trainer.adapters.network import build_lora, load_lora_file
 from ltx2_av_trainer.trainer.backends.diffusers_backend import build_denoiser
 from ltx2_av_trainer.trainer.config import ModelConfig, NetworkConfig
-from ltx2_av_trainer.trainer.export import verify_lora_keys
-from ltx2_av_trainer.trainer.loop import Trainer
-from ltx2_av_trainer.trainer.networks.files import read_adapter_file, save_network
-from ltx2_av_trainer.trainer.networks.layers import factorization
+from ltx2_av_trainer.trainer.adapters.verify import verify_lora_keys
+from ltx2_av_trainer.trainer.training.loop import Trainer
+from ltx2_av_trainer.trainer.adapters.files import read_adapter_file, save_network
+from ltx2_av_trainer.trainer.adapters.layers import factorization
 
 from latent_fixtures import make_samples, tiny_config
 

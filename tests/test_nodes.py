@@ -65,7 +65,7 @@ def comfy_home(tmp_path_factory):
     path = os.environ.get("COMFYUI_PATH")
     if not path:
         pytest.skip("COMFYUI_PATH is not set: point it at a ComfyUI checkout to run the ComfyUI tier (make test-comfyui)")
-    from ltx2_av_trainer.nodes.comfy_env import import_model_management
+    from ltx2_av_trainer.trainer.backends.comfyui.env import import_model_management
 
     import_model_management(path)
     import folder_paths
@@ -113,7 +113,7 @@ def objects(comfy_home, tmp_path_factory):
 @pytest.fixture(scope="module")
 def dataset(comfy_home):
     from ltx2_av_trainer.nodes.data_nodes import LoadDataset
-    from ltx2_av_trainer.trainer.synth import make_demo_dataset
+    from ltx2_av_trainer.trainer.data.synth import make_demo_dataset
 
     make_demo_dataset(comfy_home["input"] / "clips", clips_per_speaker=CLIPS, seconds=0.8, width=SIZE, height=SIZE)
     with torch.inference_mode():
@@ -136,8 +136,8 @@ def mixed_cache(objects, comfy_home):
     import numpy as np
 
     from ltx2_av_trainer.nodes.data_nodes import CacheLatents, LoadDataset
-    from ltx2_av_trainer.trainer.media.encode import write_av_file
-    from ltx2_av_trainer.trainer.synth import make_demo_dataset
+    from ltx2_av_trainer.trainer.data.media.encode import write_av_file
+    from ltx2_av_trainer.trainer.data.synth import make_demo_dataset
 
     folder = comfy_home["input"] / "mixed_clips"
     talking = make_demo_dataset(folder, clips_per_speaker=1, seconds=0.8, width=SIZE, height=SIZE)[0]
@@ -199,7 +199,7 @@ def train_node():
 
 def probe_output(model) -> torch.Tensor:
     """The MODEL's video prediction for a fixed input (no gradients, as sampling calls it)."""
-    from ltx2_av_trainer.nodes.comfy_backend import ComfyDenoiser
+    from ltx2_av_trainer.trainer.backends.comfyui.denoiser import ComfyDenoiser
     from ltx2_av_trainer.trainer.backends.interface import DenoiserInput, TextContext
 
     g = torch.Generator().manual_seed(3)
@@ -270,13 +270,16 @@ def test_help_pages_are_served_where_the_frontend_looks(comfy_home, tmp_path):
     from aiohttp import web
     from aiohttp.test_utils import TestClient, TestServer
 
-    from ltx2_av_trainer.nodes.extension import docs_route
+    from ltx2_av_trainer.nodes.extension import add_docs_route
 
     (tmp_path / "chart.js").write_text("// js", encoding="utf-8")
 
     async def fetch() -> list[tuple[int, str]]:
+        routes = web.RouteTableDef()
+        add_docs_route(routes, "my-pack")
+        routes.static("/extensions/my-pack", str(tmp_path))
         app = web.Application()
-        app.add_routes([docs_route("my-pack"), web.static("/extensions/my-pack", str(tmp_path))])
+        app.add_routes(routes)
         async with TestClient(TestServer(app)) as client:
             results = []
             for url in ("/extensions/my-pack/docs/LTX2AV_TrainLoRA.md", "/extensions/my-pack/chart.js",
@@ -356,9 +359,9 @@ def test_cache_holds_the_audio_posterior_mean_and_is_reused(comfy_home, objects,
     """The cached audio latent is ComfyUI's audio VAE posterior MEAN, normalised, in float32 (computed here
     from ComfyUI's own components); a second queue reuses every entry."""
     from ltx2_av_trainer.nodes.data_nodes import CacheLatents, dataset_config
-    from ltx2_av_trainer.trainer.cache import load_entry, manifest_entries
-    from ltx2_av_trainer.trainer.dataset import enumerate_dataset
-    from ltx2_av_trainer.trainer.pipeline import prepare_for_cache
+    from ltx2_av_trainer.trainer.data.cache import load_entry, manifest_entries
+    from ltx2_av_trainer.trainer.data.dataset import enumerate_dataset
+    from ltx2_av_trainer.trainer.data.cache import prepare_for_cache
 
     payload, summary = cache
     assert summary.splitlines()[0] == f"Audio latent caching: {CLIPS} encoded, 0 failed"
@@ -389,7 +392,7 @@ def test_cache_holds_the_audio_posterior_mean_and_is_reused(comfy_home, objects,
 
 def test_preview_cached_audio_decodes_the_entry(objects, cache):
     from ltx2_av_trainer.nodes.data_nodes import PreviewCachedAudio
-    from ltx2_av_trainer.trainer.cache import manifest_entries
+    from ltx2_av_trainer.trainer.data.cache import manifest_entries
 
     with torch.inference_mode():
         audio = PreviewCachedAudio.execute(cache[0], 0, objects["audio_vae"]).args[0]
@@ -409,8 +412,8 @@ def test_text_encoder_and_connectors_of_ltx23_give_the_stream_widths(comfy_home,
     import comfy_model_fixtures as fixtures
     from comfy_fixtures import write_tiny_ltxav_checkpoint
 
-    from ltx2_av_trainer.nodes.comfy_backend import context_widths, ltxav_diffusion_model
-    from ltx2_av_trainer.nodes.comfy_encoders import encode_prompt
+    from ltx2_av_trainer.trainer.backends.comfyui.denoiser import context_widths, ltxav_diffusion_model
+    from ltx2_av_trainer.trainer.backends.comfyui.encoders import encode_prompt
 
     with torch.inference_mode():
         model = comfy.sd.load_diffusion_model(str(write_tiny_ltxav_checkpoint(tmp_path, "2.3", TINY)))
@@ -519,7 +522,7 @@ def test_silence_and_blank_prompt_train_with_the_encoder_inputs_and_name_them_wi
 
 
 def test_chart_events_carry_the_held_out_losses_when_the_row_has_them(comfy_home):
-    from ltx2_av_trainer.nodes.train_nodes import chart_history
+    from ltx2_av_trainer.nodes.chart import chart_history
 
     base = {"loss_video": 0.5, "loss_audio": 0.4, "audio_weight": 1.0, "step_time_s": 2.0, "regularizer": None,
             "loss_regularizer": None, "val_loss_video": None, "val_loss_audio": None}
@@ -569,8 +572,8 @@ def test_saved_lora_loads_with_comfyui_key_map(comfy_home, objects, trained):
 
 def test_verify_names_unloaded_keys_and_refuses_missing_trained_groups(comfy_home, objects, trained):
     from ltx2_av_trainer.nodes.check_nodes import VerifyLoRAKeys
-    from ltx2_av_trainer.trainer.export import METADATA_PREFIX
-    from ltx2_av_trainer.trainer.networks.files import read_adapter_file
+    from ltx2_av_trainer.trainer.adapters.files import METADATA_PREFIX
+    from ltx2_av_trainer.trainer.adapters.files import read_adapter_file
     from ltx2_av_trainer.trainer.io_utils import save_safetensors_atomic
 
     tensors, metadata = read_adapter_file(trained["queues"][1]["out"].args[0]["path"])

@@ -9,8 +9,8 @@ from safetensors.torch import load_file
 
 from ltx2_av_trainer.trainer.backends.diffusers_backend import build_denoiser
 from ltx2_av_trainer.trainer.config import ConfigError, OptimizerConfig
-from ltx2_av_trainer.trainer.loop import Trainer
-from ltx2_av_trainer.trainer.optim import module_learning_rate
+from ltx2_av_trainer.trainer.training.loop import Trainer
+from ltx2_av_trainer.trainer.training.optim import module_learning_rate
 
 from latent_fixtures import make_samples, tiny_config
 from voice_fixtures import metric_rows
@@ -90,7 +90,7 @@ def test_adamw8bit_needs_cuda_and_bitsandbytes(tmp_path, monkeypatch):
     cfg = tiny_config(tmp_path, **{"optimizer.name": "adamw8bit"})
     with pytest.raises(ConfigError, match="needs a CUDA device"):
         Trainer(cfg, build_denoiser(cfg.model), make_samples(cfg, 2), cfg.output.dir)
-    from ltx2_av_trainer.trainer import optim
+    from ltx2_av_trainer.trainer.training import optim
 
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed
     with pytest.raises(ConfigError, match="pip install bitsandbytes"):

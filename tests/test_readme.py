@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from ltx2_av_trainer.trainer.config import reference_markdown
+from config_reference import reference_markdown
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 BEGIN = "<!-- BEGIN CONFIG REFERENCE"

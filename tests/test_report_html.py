@@ -16,20 +16,20 @@ import numpy as np
 import pytest
 import torch
 
-from ltx2_av_trainer.trainer.demo import demo_config
+from ltx2_av_trainer.trainer.app.demo import demo_config
 from ltx2_av_trainer.trainer.io_utils import append_jsonl, atomic_write_json, read_jsonl
-from ltx2_av_trainer.trainer.media.decode import decode_audio
-from ltx2_av_trainer.trainer.pipeline import (
+from ltx2_av_trainer.trainer.data.media.decode import decode_audio
+from ltx2_av_trainer.trainer.app.pipeline import (
     build_headless_denoiser,
     build_headless_encoders,
     cache_dataset,
     run_doctor_command,
     train_from_cache,
 )
-from ltx2_av_trainer.trainer.report_html import ReportError, write_training_report
-from ltx2_av_trainer.trainer.synth import make_demo_dataset
-from ltx2_av_trainer.trainer.validation_sampling import ValidationSampler, default_every_n_steps
-from ltx2_av_trainer.trainer.voice_score import VoiceReference
+from ltx2_av_trainer.trainer.evaluation.report_html import ReportError, write_training_report
+from ltx2_av_trainer.trainer.data.synth import make_demo_dataset
+from ltx2_av_trainer.trainer.evaluation.validation_sampling import ValidationSampler, default_every_n_steps
+from ltx2_av_trainer.trainer.evaluation.voice_score import VoiceReference
 
 PROMPTS = ["ohwx, a person speaks to the camera", "ohwx, a person says hello in a quiet room"]
 SECTIONS = ["summary", "losses", "audio-weight", "sigma", "validation-losses", "voice", "samples", "round-trip", "doctor"]
@@ -176,7 +176,7 @@ def test_report_shows_every_section_with_the_runs_data(run):
 
 @pytest.mark.slow  # the shared tiny run takes 10-45 s on 2 busy cores
 def test_report_embeds_a_sample_commands_ab_pair(run):
-    from ltx2_av_trainer.trainer.previews import sample_and_write
+    from ltx2_av_trainer.trainer.evaluation.previews import sample_and_write
 
     samples = run.out / "samples"
     denoiser = build_headless_denoiser(run.config)

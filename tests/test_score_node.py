@@ -14,10 +14,10 @@ def cache(tmp_path_factory):
     if not path:
         pytest.skip("COMFYUI_PATH is not set: point it at a ComfyUI checkout to run the ComfyUI tier (make test-comfyui)")
     pytest.importorskip("resemblyzer", reason="the voice score needs `pip install resemblyzer`")
-    from ltx2_av_trainer.nodes.comfy_env import import_model_management
+    from ltx2_av_trainer.trainer.backends.comfyui.env import import_model_management
     from ltx2_av_trainer.trainer.config import Config
-    from ltx2_av_trainer.trainer.pipeline import build_headless_encoders, cache_dataset
-    from ltx2_av_trainer.trainer.synth import make_demo_dataset
+    from ltx2_av_trainer.trainer.app.pipeline import build_headless_encoders, cache_dataset
+    from ltx2_av_trainer.trainer.data.synth import make_demo_dataset
 
     import_model_management(path)
     root = tmp_path_factory.mktemp("score")
@@ -29,7 +29,7 @@ def cache(tmp_path_factory):
 
 
 def _audio(speaker_name: str, seed: int) -> dict:
-    from ltx2_av_trainer.trainer.synth import speaker, synthesize_voice
+    from ltx2_av_trainer.trainer.data.synth import speaker, synthesize_voice
 
     voice = synthesize_voice(speaker(speaker_name), 2.0, sample_rate=48000, seed=seed)
     return {"waveform": torch.from_numpy(voice.audio)[None], "sample_rate": 48000}

@@ -1,4 +1,4 @@
-"""The cross-modal σ wiring of the diffusers backend (facts §4b), checked with hooks on the adaLN modules."""
+"""The cross-modal σ wiring of the diffusers backend (README, "How it trains"), checked with hooks on the adaLN modules."""
 
 import pytest
 import torch
@@ -96,7 +96,7 @@ def test_video_only_batch_has_no_audio_influence():
 def test_sigma_logged_equals_sigma_received(tmp_path):
     """The σ values the model received equal the ones written to metrics.jsonl."""
     from latent_fixtures import tiny_config
-    from ltx2_av_trainer.trainer.loop import Trainer
+    from ltx2_av_trainer.trainer.training.loop import Trainer
     import json
 
     cfg = tiny_config(tmp_path, **{"train.steps": 4, "output.save_every": 100})

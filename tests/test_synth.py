@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from scipy import linalg, ndimage, signal
 
-from ltx2_av_trainer.trainer import synth
+from ltx2_av_trainer.trainer.data import synth
 from ltx2_av_trainer.trainer.io_utils import TMP_PREFIX
 
 FPS = 25

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from ltx2_av_trainer.trainer.config import LossConfig, TimestepConfig
-from ltx2_av_trainer.trainer.losses import AudioLossBalancer, audio_padding_mask, elementwise_loss, masked_per_sample_loss
-from ltx2_av_trainer.trainer.timesteps import add_noise, sample_modality_sigmas, sample_sigmas, token_count_mu
+from ltx2_av_trainer.trainer.training.losses import AudioLossBalancer, audio_padding_mask, elementwise_loss, masked_per_sample_loss
+from ltx2_av_trainer.trainer.training.timesteps import add_noise, sample_modality_sigmas, sample_sigmas, token_count_mu
 
 
 def test_token_count_mu_matches_reference_points():
@@ -87,7 +87,7 @@ def test_inv_freq_and_none_and_state_round_trip():
 
 def test_learning_rate_schedules():
     from ltx2_av_trainer.trainer.config import ScheduleConfig
-    from ltx2_av_trainer.trainer.optim import lr_factor
+    from ltx2_av_trainer.trainer.training.optim import lr_factor
 
     warm = ScheduleConfig(name="constant_with_warmup", warmup_steps=4)
     assert [lr_factor(s, 100, warm) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]

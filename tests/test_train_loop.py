@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from ltx2_av_trainer.trainer.backends.diffusers_backend import build_denoiser
-from ltx2_av_trainer.trainer.loop import TrainCallbacks, Trainer, TrainingError
-from ltx2_av_trainer.trainer.state import find_latest_state, load_state
+from ltx2_av_trainer.trainer.training.loop import TrainCallbacks, Trainer, TrainingError
+from ltx2_av_trainer.trainer.training.state import find_latest_state, load_state
 
 from latent_fixtures import make_samples, make_structured_sample, tiny_config
 
@@ -121,7 +121,7 @@ sys.path.insert(0, {tests!r})
 from pathlib import Path
 from latent_fixtures import make_samples, tiny_config
 from ltx2_av_trainer.trainer.backends.diffusers_backend import build_denoiser
-from ltx2_av_trainer.trainer.loop import Trainer, TrainCallbacks
+from ltx2_av_trainer.trainer.training.loop import Trainer, TrainCallbacks
 class Ready(TrainCallbacks):
     def on_step(self, trainer, metrics):
         if metrics["step"] >= (trainer.resumed_from or 0) + 2:

@@ -8,7 +8,7 @@ import torch
 
 from ltx2_av_trainer.trainer.backends.diffusers_backend import build_denoiser
 from ltx2_av_trainer.trainer.config import ConfigError
-from ltx2_av_trainer.trainer.loop import TrainCallbacks, Trainer
+from ltx2_av_trainer.trainer.training.loop import TrainCallbacks, Trainer
 
 from latent_fixtures import make_samples, make_structured_sample, tiny_config
 from voice_fixtures import metric_rows

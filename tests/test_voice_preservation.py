@@ -8,10 +8,10 @@ import torch
 
 from ltx2_av_trainer.trainer.backends.diffusers_backend import build_denoiser
 from ltx2_av_trainer.trainer.config import ConfigError
-from ltx2_av_trainer.trainer.data import collate
-from ltx2_av_trainer.trainer.loop import Trainer
-from ltx2_av_trainer.trainer.preservation import SilenceLatents
-from ltx2_av_trainer.trainer.timesteps import velocity_target
+from ltx2_av_trainer.trainer.data.batches import collate
+from ltx2_av_trainer.trainer.training.loop import Trainer
+from ltx2_av_trainer.trainer.training.preservation import SilenceLatents
+from ltx2_av_trainer.trainer.training.timesteps import velocity_target
 
 from latent_fixtures import make_samples, tiny_config
 from voice_fixtures import metric_rows, mixed_samples, probe_input, relative_drift
@@ -84,7 +84,7 @@ def test_silence_target_is_the_encoded_silence_never_zeros(tmp_path, encoded_sil
 
 def test_silence_loss_uses_the_silence_velocity(tmp_path, encoded_silence):
     """training_step on an audio-free batch: loss_silence is the MSE against ε − silence, not against ε."""
-    from ltx2_av_trainer.trainer.loop import training_step
+    from ltx2_av_trainer.trainer.training.loop import training_step
 
     cfg, trainer = _audio_free_run(tmp_path, "silence", encoded_silence, steps=1)
     batch = collate([trainer.samples[1]])
@@ -93,7 +93,7 @@ def test_silence_loss_uses_the_silence_velocity(tmp_path, encoded_silence):
     losses = training_step(batch, trainer.denoiser, cfg, g, trainer.device, None, silence=silence)
     # Redo the draws: σ_v, σ_a, video noise, audio noise — in training_step's order.
     g = torch.Generator().manual_seed(7)
-    from ltx2_av_trainer.trainer.timesteps import sample_modality_sigmas
+    from ltx2_av_trainer.trainer.training.timesteps import sample_modality_sigmas
 
     target_audio = silence.for_batch(batch)
     sample_modality_sigmas(cfg.timesteps, "2.0", 1, 32, target_audio.shape[2], g)

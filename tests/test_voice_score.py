@@ -1,6 +1,6 @@
 """Voice identity score: Resemblyzer's real speaker encoder on audio decoded with PyAV.
 
-Voices come from our source-filter synthesiser (trainer.synth: different pitch and formants) and,
+Voices come from our source-filter synthesiser (trainer/data/synth: different pitch and formants) and,
 when the Debian package is installed, from espeak-ng (real text-to-speech with different voices).
 """
 
@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from ltx2_av_trainer.trainer.media.encode import write_av_file, write_wav
-from ltx2_av_trainer.trainer.media.probe import MediaError
-from ltx2_av_trainer.trainer.synth import speaker, synthesize_voice
-from ltx2_av_trainer.trainer.voice_score import (
+from ltx2_av_trainer.trainer.data.media.encode import write_av_file, write_wav
+from ltx2_av_trainer.trainer.data.media.probe import MediaError
+from ltx2_av_trainer.trainer.data.synth import speaker, synthesize_voice
+from ltx2_av_trainer.trainer.evaluation.voice_score import (
     VoiceReference,
     VoiceScoreError,
     embed_audio,
@@ -166,7 +166,7 @@ def test_real_speech_two_voices_score_lower_than_one_voice_with_itself(tmp_path)
     female = _espeak(tmp_path / "f4_2.wav", "en+f4", sentences[2])
     reference = VoiceReference.from_files(male[:2])
     # The held-out sentence of the same voice, muxed into an mp4 to go through the container path.
-    from ltx2_av_trainer.trainer.media.decode import decode_audio
+    from ltx2_av_trainer.trainer.data.media.decode import decode_audio
 
     track = decode_audio(male[2])
     seconds = track.samples.shape[1] / track.sample_rate
@@ -180,6 +180,6 @@ def test_real_speech_two_voices_score_lower_than_one_voice_with_itself(tmp_path)
 
 
 def _resample_to_48k(samples, rate):
-    from ltx2_av_trainer.trainer.media.audio import resample
+    from ltx2_av_trainer.trainer.data.media.audio import resample
 
     return resample(samples, rate, RATE)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ltx2_av_trainer.trainer.backends.interface import DenoiserInput, TextContext
-from ltx2_av_trainer.trainer.data import LatentSample
+from ltx2_av_trainer.trainer.data.batches import LatentSample
 
 from latent_fixtures import make_samples
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+import tomllib
 
 
 class ConfigError(ValueError):
@@ -301,8 +302,65 @@ class OutputConfig:
     resume: Literal["auto", "never"] = opt("auto", "auto: continue from the latest state in the run directory.")
 
 
-# The [memory] section lives with the code it configures; it uses opt and ConfigError from above.
-from .memory.options import MemoryConfig, validate_memory  # noqa: E402
+@dataclass
+class MemoryConfig:
+    quantization: Literal["none", "int8", "float8", "nf4"] = opt(
+        "none",
+        "Weight-only quantisation of the transformer blocks' Linear layers (torchao; the adapter trains on top, the "
+        "base stays frozen). none: as loaded. int8: per-channel int8 (~half of bf16). float8: per-channel float8 e4m3 "
+        "(~half of bf16). nf4: 4-bit NormalFloat, QLoRA's format (~quarter of bf16, largest error). Needs "
+        "`pip install torchao` (0.18 for torch 2.11). Exported LoRAs apply to the unquantised base.",
+    )
+    blocks_to_swap: int = opt(
+        0,
+        "Keep this many transformer blocks in CPU memory and stream each to the GPU just before it runs (the next "
+        "one is copied on a side CUDA stream while the current one computes). 0 = off. Needs "
+        "model.gradient_checkpointing; at most the number of blocks - 1. Does nothing when training on the CPU.",
+    )
+    pin_memory: bool = opt(
+        True, "Keep swapped blocks and offloaded activations in pinned (page-locked) CPU memory: faster, asynchronous copies."
+    )
+    activation_offload: bool = opt(
+        False,
+        "Keep the checkpointed blocks' inputs (the video and audio residual streams, the activations that "
+        "checkpointing keeps per block) in CPU memory between forward and backward. Needs "
+        "model.gradient_checkpointing. Saves GPU memory at the cost of PCIe copies; does nothing when training on the CPU.",
+    )
+    compile: bool = opt(
+        False,
+        "torch.compile each transformer block (the first steps are slow while it compiles; ~15-20 % faster after "
+        "on a GPU). Switched off with a warning together with blocks_to_swap, whose hooks swap the block's weights "
+        "at every call.",
+    )
+    attention: Literal["sdpa", "sdpa_flash", "flash"] = opt(
+        "sdpa",
+        "Attention kernel. sdpa: PyTorch scaled_dot_product_attention, kernel chosen by PyTorch (default, any "
+        "device). sdpa_flash: PyTorch's built-in FlashAttention kernel (CUDA, bf16/fp16). flash: the flash-attn "
+        "package (FlashAttention 2; CUDA; pip install flash-attn). Both flash kinds need a text mask without padding.",
+    )
+
+
+def validate_memory(memory: MemoryConfig, model: ModelConfig) -> None:
+    """Cross-field rules of ``[memory]`` (raises ``ConfigError`` naming the key and the fix); also checked by
+    the diffusers backend, which is given the model and memory sections alone."""
+    if memory.blocks_to_swap < 0:
+        raise ConfigError(f"memory.blocks_to_swap: must be >= 0 (0 = off), got {memory.blocks_to_swap}")
+    if memory.blocks_to_swap and not model.gradient_checkpointing:
+        raise ConfigError(
+            "memory.blocks_to_swap needs model.gradient_checkpointing = true: without checkpointing, autograd keeps "
+            "every block's GPU weights alive until backward, so swapping would save nothing"
+        )
+    if memory.activation_offload and not model.gradient_checkpointing:
+        raise ConfigError(
+            "memory.activation_offload needs model.gradient_checkpointing = true: it keeps the checkpointed blocks' "
+            "inputs in CPU memory (without checkpointing, use it off and lower the batch or clip size instead)"
+        )
+    if model.source == "tiny" and memory.blocks_to_swap >= model.tiny.num_layers:
+        raise ConfigError(
+            f"memory.blocks_to_swap = {memory.blocks_to_swap}: the model has {model.tiny.num_layers} blocks and at least "
+            f"one must stay on the GPU; use at most {model.tiny.num_layers - 1}"
+        )
+
 
 
 @dataclass
@@ -588,53 +646,3 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected nothing, got {value!r}")
         return None
     raise ConfigError(f"{key}: unsupported type {tp}")  # a programming error in this file
-
-
-def default_config() -> Config:
-    return Config()
-
-
-def reference_markdown() -> str:
-    """The option reference of the README, generated from the field help texts (a test keeps the
-    README in step with this)."""
-    lines = []
-    for section in dataclasses.fields(Config):
-        _section_markdown(section.name, section.type if isinstance(section.type, type) else typing.get_type_hints(Config)[section.name], lines)
-    return "\n".join(lines) + "\n"
-
-
-def _section_markdown(name: str, cls: type, lines: list[str]) -> None:
-    hints = typing.get_type_hints(cls)
-    rows = []
-    nested = []
-    instance = cls()
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            nested.append((f"{name}.{f.name}", tp))
-            continue
-        item = typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
-        if item is not None and dataclasses.is_dataclass(item):
-            nested.append((f"[[{name}.{f.name}]]", item))
-            continue
-        default = getattr(instance, f.name)
-        rows.append(f"| `{f.name}` | {_type_name(tp)} | `{json.dumps(default)}` | {f.metadata.get('help', '')} |")
-    header = name if name.startswith("[") else f"[{name}]"
-    lines.append(f"#### `{header}`\n")
-    lines.append("| key | type | default | meaning |")
-    lines.append("|---|---|---|---|")
-    lines.extend(rows)
-    lines.append("")
-    for child, tp in nested:
-        _section_markdown(child, tp, lines)
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " \\| ".join(f"`{v}`" for v in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(t) for t in typing.get_args(tp) if t is not type(None)) + " (optional)"
-    if origin is list:
-        return f"list of {_type_name(typing.get_args(tp)[0])}"
-    return getattr(tp, "__name__", str(tp))

@@ -1,7 +1,7 @@
 """The headless backend: diffusers' ``LTX2VideoTransformer3DModel`` for LTX-2 and LTX-2.3.
 
-Cross-modal σ wiring (facts §4b): no diffusers argument combination reproduces the current reference
-when σ_a ≠ σ_v. The call that does passes each modality's own timestep for its scale/shift
+Cross-modal σ wiring (README, "How it trains"): no diffusers argument combination reproduces the current
+reference when σ_a ≠ σ_v. The call that does passes each modality's own timestep for its scale/shift
 (``use_cross_timestep=False``) and overrides the inputs of the two gate adaLN modules with forward
 pre-hooks: the a2v gate gets σ_a, the v2a gate gets σ_v. Those modules run outside the transformer
 blocks, so this also holds under gradient checkpointing.
@@ -22,16 +22,16 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from ..config import ConfigError, ModelConfig, TinyModelConfig
+from ..config import ConfigError, MemoryConfig, ModelConfig, TinyModelConfig, validate_memory
 from ..memory.attention import text_mask_for
-from ..memory.options import MemoryConfig, validate_memory
 from ..memory.setup import MemoryPlan, apply_memory_options
 from .fingerprint import module_fingerprint
 from .interface import DenoiserInput
 
 CROSS_MODAL_SIGMA_WIRINGS = ("reference", "own", "cross")
 
-# The real checkpoints' positioning settings (facts §4b); the tiny model carries them too so that it
+# The real checkpoints' positioning settings (from their metadata: split RoPE with float64 frequencies,
+# middle-of-patch positions, causal temporal offset, cross-attention timestep multiplier 1000); the tiny model carries them too so that it
 # behaves like the real model and matches ComfyUI's LTXAV built with the same metadata.
 REAL_CHECKPOINT_SETTINGS = dict(
     rope_type="split",

@@ -24,14 +24,21 @@ from torch import nn
 
 from ..config import ConfigError, TinyModelConfig
 from .audio_frontend import LTX2_MEL, MelSettings, audio_latent_count, log_mel_spectrogram
-from .interface import AUDIO_LATENT_CHANNELS, AUDIO_LATENT_MEL_BINS, VIDEO_LATENT_CHANNELS, EncodedAudio, TextContext, encode_padded_audio
+from .fingerprint import module_fingerprint
+from .interface import (
+    AUDIO_LATENT_CHANNELS,
+    AUDIO_LATENT_MEL_BINS,
+    VIDEO_LATENT_CHANNELS,
+    EncodedAudio,
+    TextContext,
+    encode_padded_audio,
+)
 from .text_encoder import (
     REAL_MAX_TEXT_LENGTH,
     TextSource,
     build_tiny_text_encoder,
     load_text_encoder,
 )
-from .fingerprint import module_fingerprint
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PIPELINE_SUBFOLDERS = ("vae", "audio_vae", "vocoder", "connectors", "text_encoder", "tokenizer")
@@ -58,7 +65,7 @@ class DiffusersEncoders:
         self.mel = _mel_settings_for(audio_vae)
         _check_video_vae(video_vae)
         self.video_vae = video_vae.eval().requires_grad_(False)
-        # Audio latents are encoded in float32 (facts §1); the audio VAE is small, so keep it there.
+        # Audio latents are encoded in float32 (bf16 rounding of the posterior mean is audible after decoding); the audio VAE is small, so keep it there.
         self.audio_vae = audio_vae.eval().requires_grad_(False).float()
         self.vocoder = vocoder.eval().requires_grad_(False)
         self.text = text

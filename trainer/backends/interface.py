@@ -16,6 +16,7 @@ from torch import nn
 AUDIO_LATENT_CHANNELS = 8
 AUDIO_LATENT_MEL_BINS = 16
 VIDEO_LATENT_CHANNELS = 128
+AUDIO_SAMPLE_RATE = 16000  # what the LTX-2 audio VAE takes (stereo)
 AUDIO_LATENTS_PER_SECOND = 25.0  # 16 kHz, hop 160, time ÷4 in the audio VAE
 
 

@@ -21,7 +21,7 @@ reference, and every device copy is marked with ``record_stream`` for the comput
 allocator does not reuse its memory before the compute stream is done with it. Prediction only decides what is
 copied early; the pre-hook always makes the running block resident, so a wrong guess costs time, never
 correctness. Without gradient checkpointing autograd would keep every block's device weights until backward
-(``options.validate_memory`` refuses that combination).
+(``config.validate_memory`` refuses that combination).
 
 On a non-CUDA device the copies are synchronous ``.to(device, copy=True)``; with the CPU as the "device" this
 runs the whole bookkeeping on a CPU-only machine (the tests do), though it saves nothing there.

@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..config import MemoryConfig
 from .activation_offload import OffloadedCheckpoint
 from .attention import select_attention
 from .block_swap import BlockSwapper
 from .compile import compile_blocks
-from .options import MemoryConfig
 from .quantize import QuantizationReport, quantize_blocks
 
 

@@ -1,0 +1,243 @@
+"""``ltx2-av-trainer``: the headless command line on the same core as the ComfyUI nodes.
+
+Subcommands: demo, doctor, cache, train, verify, sample, score, report, bench. Every one takes ``--help``; those that write
+a report take ``--json PATH``. Errors exit non-zero with one line saying what is wrong and what to do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..config import Config, ConfigError
+
+
+class UserError(Exception):
+    """A problem the user can fix; printed as one line."""
+
+
+def _load_config(args) -> Config:
+    config = Config.from_toml(args.config) if getattr(args, "config", None) else Config()
+    overrides = {}
+    if getattr(args, "steps", None):
+        overrides["train.steps"] = args.steps
+    if args.command == "train" and args.out:
+        overrides["output.dir"] = str(args.out)
+    if getattr(args, "quiet", False):
+        overrides["logging.quiet"] = True
+    return config.replace(**overrides) if overrides else config
+
+
+def _write_json(path: str | None, payload: dict) -> None:
+    if path:
+        from ..io_utils import atomic_write_json
+
+        atomic_write_json(path, payload)
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    report = run_demo(Path(args.out), steps=args.steps, version=args.version, quiet=args.quiet)
+    _write_json(args.json, report)
+    return 0 if report["ok"] else 1
+
+
+def cmd_doctor(args) -> int:
+    from .pipeline import run_doctor_command
+
+    config = _load_config(args)
+    report = run_doctor_command(config, strict=args.strict, quiet=args.quiet)
+    _write_json(args.json, report.to_dict())
+    return report.exit_code
+
+
+def cmd_cache(args) -> int:
+    from .pipeline import run_cache_command
+
+    config = _load_config(args)
+    summary = run_cache_command(config, decode=args.decode, quiet=args.quiet)
+    _write_json(args.json, summary)
+    return 0 if summary["failed"] == 0 else 1
+
+
+def cmd_train(args) -> int:
+    from .pipeline import run_train_command
+
+    config = _load_config(args)
+    report = run_train_command(config, resume=args.resume, no_resume=args.no_resume, quiet=args.quiet)
+    _write_json(args.json, report)
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from .pipeline import run_verify_command
+
+    config = _load_config(args)
+    report = run_verify_command(config, Path(args.lora))
+    print(report.summary())
+    if report.unloaded_keys:
+        for key in report.unloaded_keys[:20]:
+            print(f"  not loaded: {key}")
+    _write_json(args.json, report.to_dict())
+    return 0 if report.ok else 1
+
+
+def cmd_sample(args) -> int:
+    from .pipeline import run_sample_command
+
+    config = _load_config(args)
+    report = run_sample_command(config, Path(args.lora) if args.lora else None, args.prompt, Path(args.out),
+                                seed=args.seed, steps=args.sample_steps, seconds=args.seconds)
+    _write_json(args.json, report)
+    return 0
+
+
+def cmd_score(args) -> int:
+    from ..evaluation.voice_score import VoiceReference, score_file
+
+    if sum(bool(x) for x in (args.reference, args.cache, args.config)) != 1:
+        raise UserError("give exactly one of --reference JSON, --cache DIR or --config run.toml for the dataset voice")
+    if args.reference:
+        reference = VoiceReference.load(args.reference)
+    elif args.cache:
+        reference = VoiceReference.from_cache(args.cache)
+    else:
+        reference = VoiceReference.from_dataset(_load_config(args).dataset)
+    if args.save_reference:
+        reference.save(args.save_reference)
+    rows = []
+    for path in args.files:
+        score = score_file(path, reference)
+        rows.append({"file": str(path), **score.to_dict()})
+        note = "" if score.speech_detected else "  (no speech detected: the score means little)"
+        print(f"{score.similarity:.3f}  {path}{note}")
+    print(f"reference: {reference.typical_similarity:.3f} is how the dataset's own clips score against it")
+    _write_json(args.json, {"reference_typical": reference.typical_similarity, "scores": rows})
+    return 0
+
+
+def cmd_report(args) -> int:
+    from ..evaluation.report_html import write_training_report
+
+    page = write_training_report(Path(args.run_dir), doctor_json=args.doctor_json, cache_dir=args.cache_dir, samples_dir=args.samples_dir)
+    print(page)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import cmd_bench as run
+
+    return run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ltx2-av-trainer", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of unexpected errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p, config=True, json_report=True):
+        if config:
+            p.add_argument("--config", help="TOML config file (see README: Configuration)")
+        if json_report:
+            p.add_argument("--json", metavar="PATH", help="also write the report as JSON to PATH")
+        p.add_argument("--quiet", action="store_true", help="print only errors")
+
+    p = sub.add_parser("demo", help="no-weights end-to-end demo on synthesised talking clips")
+    p.add_argument("--out", required=True, help="output folder (data/, cache/, run/, samples/, report.json)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's 400)")
+    p.add_argument("--version", choices=["2.0", "2.3"], default="2.0", help="embedded tiny model version")
+    common(p, config=False)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("doctor", help="check every media item of the dataset and report problems")
+    p.add_argument("--strict", action="store_true", help="exit non-zero when any item has an error")
+    common(p)
+    p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("cache", help="encode video/audio latents and text once, reuse them while inputs are unchanged")
+    p.add_argument("--decode", action="store_true", help="also write decoded audio (wav) and a video preview per item, with round-trip scores")
+    common(p)
+    p.set_defaults(func=cmd_cache)
+
+    p = sub.add_parser("train", help="train the LoRA from the cache (source media not needed)")
+    p.add_argument("--steps", type=int, help="override train.steps")
+    p.add_argument("--out", help="override output.dir (the run directory)")
+    p.add_argument("--resume", metavar="STATE", help="resume from this state folder (default: the latest in the run directory)")
+    p.add_argument("--no-resume", action="store_true", help="start over even if the run directory holds a state")
+    common(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("verify", help="check which LoRA keys land on the model, per module group")
+    p.add_argument("lora", help="LoRA .safetensors file")
+    common(p)
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("sample", help="generate audio+video with the LoRA and, same seed, without it")
+    p.add_argument("--lora", help="LoRA file (omit to sample the base model only)")
+    p.add_argument("--prompt", required=True, help="prompt text (include the trigger word)")
+    p.add_argument("--out", required=True, help="folder for the mp4/wav files")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sample-steps", type=int, default=20, help="denoising steps")
+    p.add_argument("--seconds", type=float, default=None, help="clip length (default: the dataset's frames at target fps)")
+    common(p)
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("score", help="voice identity score of audio/video files against a dataset's voice (Resemblyzer)")
+    p.add_argument("files", nargs="+", help="audio or video files to score")
+    p.add_argument("--reference", help="a saved reference (JSON written by --save-reference)")
+    p.add_argument("--cache", help="build the reference from the source clips of this cache folder")
+    p.add_argument("--save-reference", metavar="PATH", help="also save the reference as JSON for later runs")
+    common(p)
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("report", help="write the HTML training report of a run directory (offline page)")
+    p.add_argument("run_dir", help="the run directory (output.dir)")
+    p.add_argument("--doctor-json", help="doctor report JSON to include (default: run_dir/doctor.json)")
+    p.add_argument("--cache-dir", help="cache folder for the round-trip scores (default: from the run's config)")
+    p.add_argument("--samples-dir", help="folder with A/B samples (default: run_dir/samples)")
+    p.add_argument("--quiet", action="store_true", help="print only errors")
+    p.set_defaults(func=cmd_report)
+
+    from .bench_cli import add_bench_arguments
+
+    p = sub.add_parser("bench", help="time our training step against a plain diffusers + peft loop (same model, same work)")
+    add_bench_arguments(p)
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, UserError, FileNotFoundError, ImportError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: resumable state was saved; run the same command again to continue", file=sys.stderr)
+        return 130
+    except Exception as exc:  # last resort: still one clear line, the traceback only on request
+        if _is_reported_error(exc):
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        if args.debug:
+            raise
+        print(f"error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+def _is_reported_error(exc: Exception) -> bool:
+    """Errors whose message already says what is wrong and what to do."""
+    from ..data.media.probe import MediaError
+    from ..evaluation.report_html import ReportError
+    from ..evaluation.voice_score import VoiceScoreError
+    from ..training.loop import TrainingError
+
+    return isinstance(exc, (TrainingError, MediaError, ReportError, VoiceScoreError))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

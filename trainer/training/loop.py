@@ -1,0 +1,661 @@
+"""The training loop, readable top to bottom.
+
+``training_step`` is a function of (batch, state): it draws σ_v and σ_a, noises both modalities,
+asks the denoiser for both velocities and returns the per-modality losses. ``Trainer`` wraps it
+with accumulation, the regularisers (silence / audio DOP for audio-free batches, dop / blank / prior
+divergence), clipping, the audio loss balancer, the audio supervision monitor, validation, checkpoints
+and metrics; every side effect (console, progress, ComfyUI events, Cancel) goes through ``TrainCallbacks``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..adapters.files import save_network
+from ..adapters.network import LoRANetwork, build_lora
+from ..backends.interface import DenoiserInput, TextContext, audio_token_count, video_token_count
+from ..backends.text_connectors import ConnectorStack
+from ..config import Config, ConfigError
+from ..data.batch_sampler import AudioAwareBatchSampler
+from ..data.batches import Batch, LatentSample, collate, drop_captions, truncate_audio
+from ..io_utils import append_jsonl, atomic_write_text, read_jsonl, remove_stale_temporaries
+from .losses import AudioLossBalancer, audio_padding_mask, elementwise_loss, masked_per_sample_loss
+from .monitor import AudioSupervisionMonitor
+from .optim import build_optimizer, build_scheduler, enter_training, evaluation_weights, optimizer_warnings
+from .preservation import Preservation, SilenceLatents, SilenceSource, audio_dop_loss, require_silence
+from .state import find_latest_state, load_state, save_state
+from .timesteps import AUDIO_OFFSET_DIMS, VIDEO_OFFSET_DIMS, add_noise, offset_noise, sample_modality_sigmas, velocity_target
+from .validation import validation_losses
+
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. too many consecutive non-finite losses); the message says why."""
+
+
+@dataclass
+class StepLosses:
+    loss_video: torch.Tensor  # scalar, weighted per sample by the dataset weights
+    loss_audio: torch.Tensor | None  # real cached audio only
+    sigma_video: torch.Tensor  # [B]
+    sigma_audio: torch.Tensor | None  # σ of the real audio
+    loss_silence: torch.Tensor | None = None  # audio.missing_audio = silence: the silence target's loss (unweighted)
+    inputs: DenoiserInput | None = None  # what the denoiser saw (the regularisers reuse it)
+    pred_video: torch.Tensor | None = None
+    pred_audio: torch.Tensor | None = None
+
+
+def training_step(batch: Batch, denoiser, config: Config, generator: torch.Generator, device: torch.device, autocast_dtype,
+                  *, silence: SilenceLatents | None = None, connectors: ConnectorStack | None = None) -> StepLosses:
+    """Flow matching on both modalities with their own σ: x_σ = (1-σ)x0 + σε, target ε - x0.
+
+    ``silence``: an audio-free batch gets the encoded silence as its audio target. ``connectors``: the text
+    context is computed from the batch's pre-connector features (connector training)."""
+    loss_cfg = config.loss
+    video = batch.video.to(device, torch.float32)
+    real_audio = batch.audio is not None
+    if real_audio:
+        audio = batch.audio.to(device, torch.float32)
+    elif silence is not None:
+        audio = silence.for_batch(batch).to(device)
+    else:
+        audio = None
+    sigma_video, sigma_audio = sample_modality_sigmas(
+        config.timesteps, config.model.version, batch.size, video_token_count(video),
+        None if audio is None else audio_token_count(audio), generator,
+    )
+    noise_video = offset_noise(tuple(video.shape), loss_cfg.noise_offset, VIDEO_OFFSET_DIMS, generator).to(device)
+    noisy_video = add_noise(video, noise_video, sigma_video.to(device))
+    noisy_audio = noise_audio = None
+    if audio is not None:
+        noise_audio = offset_noise(tuple(audio.shape), loss_cfg.audio_noise_offset, AUDIO_OFFSET_DIMS, generator).to(device)
+        noisy_audio = add_noise(audio, noise_audio, sigma_audio.to(device))
+
+    dtype = autocast_dtype or torch.float32
+    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        text = _batch_text(batch, device, dtype, connectors)
+    if loss_cfg.caption_dropout or loss_cfg.caption_dropout_video or loss_cfg.caption_dropout_audio:
+        text = drop_captions(text, loss_cfg.caption_dropout, loss_cfg.caption_dropout_video, loss_cfg.caption_dropout_audio, generator)
+    inputs = DenoiserInput(
+        video=noisy_video.to(dtype),
+        audio=None if noisy_audio is None else noisy_audio.to(dtype),
+        sigma_video=sigma_video.to(device),
+        sigma_audio=None if sigma_audio is None else sigma_audio.to(device),
+        text=text,
+        fps=batch.fps,
+    )
+    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        pred_video, pred_audio = denoiser(inputs)
+
+    per_sample_video = masked_per_sample_loss(
+        elementwise_loss(pred_video, velocity_target(video, noise_video), loss_cfg.type, loss_cfg.huber_delta), None
+    )
+    loss_video = (per_sample_video * batch.video_loss_weight.to(device)).mean()
+    loss_audio = loss_silence = None
+    if audio is not None:
+        elem = elementwise_loss(pred_audio, velocity_target(audio, noise_audio), loss_cfg.type, loss_cfg.huber_delta)
+        if real_audio:
+            per_sample_audio = masked_per_sample_loss(elem, audio_padding_mask(audio, batch.audio_valid_frames))
+            loss_audio = (per_sample_audio * batch.audio_loss_weight.to(device)).mean()
+        else:
+            loss_silence = masked_per_sample_loss(elem, None).mean()
+    return StepLosses(loss_video, loss_audio, sigma_video, sigma_audio if real_audio else None, loss_silence,
+                      inputs, pred_video, pred_audio)
+
+
+def _batch_text(batch: Batch, device: torch.device, dtype: torch.dtype, connectors: ConnectorStack | None) -> TextContext:
+    if connectors is None:
+        return batch.text.to(device, dtype)
+    # Connector training: the contexts come from the cached pre-connector features, with gradients. The
+    # features stay fp32 (the connectors' additive mask uses the dtype's largest value).
+    return connectors(batch.text_features.to(device, torch.float32))
+
+
+class TrainCallbacks:
+    """Side effects of the loop. Subclass and override what you need; all default to nothing."""
+
+    def on_start(self, trainer: "Trainer") -> None: ...
+
+    def on_step(self, trainer: "Trainer", metrics: dict) -> None: ...
+
+    def on_log(self, trainer: "Trainer", line: str) -> None: ...
+
+    def on_checkpoint(self, trainer: "Trainer", lora_path: Path, state_path: Path) -> None: ...
+
+    def on_warning(self, trainer: "Trainer", message: str) -> None: ...
+
+    def on_end(self, trainer: "Trainer", result: "TrainResult") -> None: ...
+
+    def extra_metrics(self, trainer: "Trainer", metrics: dict) -> dict:
+        """Values to add to this step's metrics row before it is written (e.g. validation samples)."""
+        return {}
+
+
+class CallbackList(TrainCallbacks):
+    """Several callbacks as one: every hook goes to each in order; extra metrics are merged."""
+
+    def __init__(self, *callbacks: TrainCallbacks | None):
+        self.callbacks = [c for c in callbacks if c is not None]
+
+    def on_start(self, trainer):
+        for c in self.callbacks:
+            c.on_start(trainer)
+
+    def on_step(self, trainer, metrics):
+        for c in self.callbacks:
+            c.on_step(trainer, metrics)
+
+    def on_log(self, trainer, line):
+        for c in self.callbacks:
+            c.on_log(trainer, line)
+
+    def on_checkpoint(self, trainer, lora_path, state_path):
+        for c in self.callbacks:
+            c.on_checkpoint(trainer, lora_path, state_path)
+
+    def on_warning(self, trainer, message):
+        for c in self.callbacks:
+            c.on_warning(trainer, message)
+
+    def on_end(self, trainer, result):
+        for c in self.callbacks:
+            c.on_end(trainer, result)
+
+    def extra_metrics(self, trainer, metrics):
+        merged: dict = {}
+        for c in self.callbacks:
+            merged.update(c.extra_metrics(trainer, {**metrics, **merged}))
+        return merged
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    lora_path: Path | None
+    state_path: Path | None
+    final_loss_video: float | None
+    final_loss_audio: float | None
+    warnings: list[str] = field(default_factory=list)
+    resumed_from: int | None = None
+    completed: bool = True
+
+
+@dataclass
+class _StepTally:
+    """What the micro-batches of one optimizer step add up (sums over micro-batches; audio sums only over
+    those with real audio)."""
+
+    video: float = 0.0
+    audio: float = 0.0
+    weighted_audio: float = 0.0
+    sigma_video: float = 0.0
+    sigma_audio: float = 0.0
+    batches: int = 0
+    audio_batches: int = 0
+    extras: dict[str, list[float]] = field(default_factory=dict)  # raw regulariser losses, one per micro-batch that had it
+    extra_objective: float = 0.0
+    regularizer: str | None = None
+    ids: list[str] = field(default_factory=list)
+    data_time: float = 0.0
+    lr: float = 0.0
+    lr_groups: dict[str, float] = field(default_factory=dict)
+
+
+class Trainer:
+    """One training run.
+
+    Optional inputs the pipeline provides: ``validation_samples`` (held-out items for the validation loss),
+    ``silence_audio_latent`` (the audio VAE's encoding of silence, ``[8, T, 16]`` or ``T -> [8, T, 16]``; needed
+    by audio.missing_audio = silence / audio_dop), ``preservation_contexts`` (``{"class": ctx, "blank": ctx}``
+    for preservation.dop / blank) and ``text_connectors`` (diffusers' ``LTX2TextConnectors``, for
+    network.connectors; the samples then carry ``text_features``)."""
+
+    def __init__(self, config: Config, denoiser, samples: list[LatentSample], run_dir: str | Path,
+                 callbacks: TrainCallbacks | None = None, *, validation_samples: list[LatentSample] | None = None,
+                 silence_audio_latent: SilenceSource | None = None,
+                 preservation_contexts: dict[str, TextContext] | None = None, text_connectors=None):
+        self.config = config
+        self.denoiser = denoiser
+        self.run_dir = Path(run_dir)
+        self.callbacks = callbacks or TrainCallbacks()
+        self.warnings: list[str] = []
+        self.device = _resolve_device(config.train.device)
+        precision = config.train.mixed_precision
+        if precision == "fp16" and self.device.type == "cpu":
+            raise TrainingError("train.mixed_precision = \"fp16\" needs a CUDA device; use \"bf16\" or \"fp32\" on CPU")
+        self.autocast_dtype = None if precision == "fp32" else PRECISION_DTYPES[precision]
+        self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+        if config.train.num_threads:
+            torch.set_num_threads(config.train.num_threads)
+
+        audio_cfg = config.audio
+        validation_samples = list(validation_samples or [])
+        if audio_cfg.bucket_strategy == "truncate":
+            samples = [truncate_audio(s, audio_cfg.bucket_interval_seconds) for s in samples]
+            validation_samples = [truncate_audio(s, audio_cfg.bucket_interval_seconds) for s in validation_samples]
+        self.samples = samples
+        self.validation_samples = validation_samples
+
+        self.with_audio = config.dataset.with_audio and any(s.audio is not None for s in samples)
+        if config.dataset.with_audio and not self.with_audio:
+            self._warn("dataset.with_audio is on but no sample has cached audio: this is a video-only run "
+                       "(audio and cross-modal modules are left untouched). Check the cache report.")
+        self.silence = require_silence(config, silence_audio_latent) if self.with_audio else None
+        if config.audio.missing_audio != "skip" and not self.with_audio:
+            self._warn(f"audio.missing_audio = {config.audio.missing_audio!r} does nothing in a video-only run (no audio "
+                       "module is adapted)")
+        self.preservation = Preservation(config, preservation_contexts)
+        self.connectors = self._connector_stack(text_connectors)
+        # A backend whose host manages weight placement (ComfyUI's partial loading) places itself.
+        place_on = getattr(denoiser, "place_on", None)
+        place_on(self.device) if place_on is not None else denoiser.module.to(self.device)
+        self.network: LoRANetwork = build_lora(denoiser, config.network, with_audio=self.with_audio, connectors=self.connectors)
+        self.network.to(self.device)
+        self.optimizer = build_optimizer(self.network, config.optimizer, config.schedule, self.device)
+        for message in optimizer_warnings(config.optimizer):
+            self._warn(message)
+        enter_training(self.optimizer)
+        self.scheduler = build_scheduler(self.optimizer, config.train.steps, config.schedule)
+        self.balancer = AudioLossBalancer(config.loss)
+        self.sampler = AudioAwareBatchSampler(
+            samples, config.train.batch_size, config.train.seed, accumulation=config.train.gradient_accumulation,
+            batch_probability=audio_cfg.batch_probability, min_audio_per_accum=audio_cfg.min_batches_per_accum,
+        )
+        if self.sampler.tilted and not self.sampler.has_audio:
+            self._warn("audio.batch_probability / audio.min_batches_per_accum are set but no training sample has audio: "
+                       "every batch is audio-free")
+        self.monitor = AudioSupervisionMonitor(audio_cfg, samples) if config.dataset.with_audio else None
+        self.generator = torch.Generator().manual_seed(config.train.seed)
+        torch.manual_seed(config.train.seed)  # dropout and anything else on the global RNG
+        self.step = 0
+        self.consecutive_nonfinite = 0
+        self.resumed_from: int | None = None
+        self.last_lora: Path | None = None
+        self.last_state: Path | None = None
+        self._last_losses: tuple[float | None, float | None] = (None, None)
+
+    def _connector_stack(self, text_connectors) -> ConnectorStack | None:
+        if self.config.network.connectors == "off":
+            return None
+        if text_connectors is None:
+            return None  # build_lora names what is missing
+        lacking = [s.id for s in self.samples + self.validation_samples if s.text_features is None]
+        if lacking:
+            raise ConfigError(
+                f"network.connectors = {self.config.network.connectors!r} needs pre-connector text features for every item; "
+                f"{len(lacking)} lack them (first: {lacking[0]}). Re-run `cache` with connector training on"
+            )
+        return ConnectorStack(text_connectors).to(self.device)
+
+    # ---- resume ---------------------------------------------------------------------------------
+
+    def try_resume(self, state_folder: str | Path | None = None) -> int | None:
+        """Load the given state folder, or the latest one in the run directory. Returns the step."""
+        remove_stale_temporaries(self.run_dir / "lora")
+        folder = Path(state_folder) if state_folder else find_latest_state(self.run_dir)
+        if folder is None:
+            return None
+        saved = load_state(folder)
+        expected = self._resume_fingerprint()
+        if saved.extra.get("resume_fingerprint") != expected:
+            raise TrainingError(
+                f"{folder}: this state was saved by a run with a different model, network or dataset; "
+                "use a new output.dir, or pass --no-resume to start over in this one"
+            )
+        missing = set(self.network.state_dict()) ^ set(saved.adapter)
+        if missing:
+            raise TrainingError(f"{folder}: adapter tensors do not match this network ({sorted(missing)[:3]} ...)")
+        self.network.load_state_dict(saved.adapter)
+        self.optimizer.load_state_dict(saved.optimizer)
+        self.scheduler.load_state_dict(saved.extra["scheduler"])
+        self.balancer.load_state_dict(saved.extra["balancer"])
+        self.sampler.load_state_dict(saved.extra["sampler"])
+        if self.monitor is not None and saved.extra.get("monitor") is not None:
+            self.monitor.load_state_dict(saved.extra["monitor"])
+        enter_training(self.optimizer)
+        self.generator.set_state(saved.rng["generator"])
+        torch.set_rng_state(saved.rng["torch_cpu"])
+        if "torch_cuda" in saved.rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(saved.rng["torch_cuda"])
+        self.consecutive_nonfinite = int(saved.extra["consecutive_nonfinite"])
+        self.step = saved.step
+        self.resumed_from = saved.step
+        self.last_state = folder
+        self._truncate_metrics(saved.step)
+        return saved.step
+
+    def _resume_fingerprint(self) -> dict:
+        c = self.config
+        return {
+            "base": self.denoiser.fingerprint(),
+            "network": c.network.__dict__,
+            "samples": sorted(s.id for s in self.samples),
+            "batch_size": c.train.batch_size,
+            "seed": c.train.seed,
+            "optimizer": [c.optimizer.name] + [g["name"] for g in self.optimizer.param_groups],
+            "sampling": [c.audio.batch_probability, c.audio.min_batches_per_accum, c.train.gradient_accumulation],
+        }
+
+    def _truncate_metrics(self, step: int) -> None:
+        path = self.run_dir / "metrics.jsonl"
+        rows = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
+        if path.exists():
+            atomic_write_text(path, "".join(_json_line(r) for r in rows))
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> tuple[Path, Path]:
+        cfg = self.config
+        rng = {"generator": self.generator.get_state(), "torch_cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["torch_cuda"] = torch.cuda.get_rng_state()
+        extra = {
+            "scheduler": self.scheduler.state_dict(),
+            "balancer": self.balancer.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "monitor": None if self.monitor is None else self.monitor.state_dict(),
+            "consecutive_nonfinite": self.consecutive_nonfinite,
+            "resume_fingerprint": self._resume_fingerprint(),
+        }
+        # The state holds the training weights; the exported file the weights to use (a schedule-free
+        # optimizer's average), so the state is written first.
+        state_path = save_state(self.run_dir, self.step, self.network.state_dict(), self.optimizer, rng, extra, keep=cfg.output.keep_states)
+        lora_path = self.run_dir / "lora" / f"{cfg.output.name}_{self.step:06d}.safetensors"
+        with evaluation_weights(self.optimizer, list(self.network.parameters())):
+            save_network(self.network, lora_path, config_json=cfg.to_json(), base_fingerprint=self.denoiser.fingerprint(),
+                         step=self.step, version=cfg.model.version, dtype=cfg.output.save_dtype)
+        self.last_lora, self.last_state = lora_path, state_path
+        self.callbacks.on_checkpoint(self, lora_path, state_path)
+        return lora_path, state_path
+
+    def validate(self) -> dict:
+        """Per-modality validation loss at the fixed σ set (``val_loss_video`` / ``val_loss_audio``)."""
+        text_for_batch = None
+        if self.connectors is not None:
+            text_for_batch = lambda batch: self.connectors(batch.text_features.to(self.device, torch.float32))  # noqa: E731
+        with evaluation_weights(self.optimizer, list(self.network.parameters())):
+            result = validation_losses(self.validation_samples, self.denoiser, self.network, self.config, self.device,
+                                       self.autocast_dtype, text_for_batch)
+        return {"val_loss_video": result.loss_video, "val_loss_audio": result.loss_audio}
+
+    # ---- the loop -------------------------------------------------------------------------------
+
+    def run(self, until_step: int | None = None) -> TrainResult:
+        """Train up to ``until_step`` (default: train.steps). Saves a checkpoint every
+        ``output.save_every`` steps, at the end, and when interrupted (Ctrl-C, ComfyUI Cancel)."""
+        cfg = self.config
+        target = min(until_step or cfg.train.steps, cfg.train.steps)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.run_dir / "config.json", cfg.to_json() + "\n")
+        self.callbacks.on_start(self)
+        self.network.train()
+        saved_at = self.step
+        try:
+            while self.step < target:
+                metrics = self.train_step()
+                if metrics is None:
+                    continue  # skipped (non-finite); the counter guards against endless skipping
+                every = cfg.validation.every_steps
+                if self.validation_samples and every and (self.step % every == 0 or self.step == target):
+                    metrics.update(self.validate())
+                metrics.update(self.callbacks.extra_metrics(self, metrics))
+                append_jsonl(self.run_dir / "metrics.jsonl", metrics)
+                self.callbacks.on_step(self, metrics)
+                if self.step % cfg.logging.log_every == 0 or self.step == target:
+                    self.callbacks.on_log(self, format_log_line(metrics, cfg.train.steps))
+                if self.step % cfg.output.save_every == 0 or self.step == target:
+                    self.save_checkpoint()
+                    saved_at = self.step
+        except TrainingError:
+            raise  # the last good checkpoint stays as it is
+        except BaseException:
+            # Ctrl-C or ComfyUI's Cancel: keep what was learned so the next run resumes from here.
+            if self.step > saved_at:
+                self.save_checkpoint()
+            raise
+        result = TrainResult(
+            run_dir=self.run_dir, step=self.step, lora_path=self.last_lora, state_path=self.last_state,
+            final_loss_video=self._last_losses[0], final_loss_audio=self._last_losses[1],
+            warnings=list(self.warnings), resumed_from=self.resumed_from, completed=self.step >= cfg.train.steps,
+        )
+        self.callbacks.on_end(self, result)
+        return result
+
+    def train_step(self) -> dict | None:
+        """One optimizer step: forward and backward over ``train.gradient_accumulation`` micro-batches, then
+        clipping, the optimizer and the schedule. Returns the step's metrics row, or None when the step was
+        skipped (a non-finite loss or gradient; ``_skip_nonfinite`` counts those). ``run`` calls it in a loop,
+        and the benchmark times exactly this."""
+        started = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        tally = _StepTally()
+        for _ in range(self.config.train.gradient_accumulation):
+            if not self._micro_batch(tally):
+                return None
+        grad_norm = self._apply_gradients(tally)
+        if grad_norm is None:
+            return None
+        return self._step_metrics(tally, grad_norm, time.perf_counter() - started)
+
+    def _micro_batch(self, tally: "_StepTally") -> bool:
+        """Forward and backward of one micro-batch, its losses added to ``tally``; False when the step must
+        be skipped (a non-finite loss)."""
+        cfg = self.config
+        accum = cfg.train.gradient_accumulation
+        missing_audio = cfg.audio.missing_audio if self.silence is not None else "skip"
+        t0 = time.perf_counter()
+        batch_samples = [self.samples[i] for i in self.sampler.next_batch()]
+        batch = collate(batch_samples)
+        tally.data_time += time.perf_counter() - t0
+        tally.ids.extend(batch.ids)
+        if self.monitor is not None:
+            self._check_supervision(batch_samples, supervised=batch.audio is not None)
+        losses = training_step(batch, self.denoiser, cfg, self.generator, self.device, self.autocast_dtype,
+                               silence=self.silence if missing_audio == "silence" else None, connectors=self.connectors)
+        video_value = losses.loss_video.detach().item()
+        audio_value = None if losses.loss_audio is None else losses.loss_audio.detach().item()
+        if not math.isfinite(video_value) or (audio_value is not None and not math.isfinite(audio_value)):
+            self._skip_nonfinite(tally.ids, video_value, audio_value)
+            return False
+        weight = self.balancer.update(video_value, audio_value)
+        total = cfg.loss.video_weight * losses.loss_video
+        if losses.loss_audio is not None:
+            total = total + weight * losses.loss_audio
+            tally.audio += audio_value
+            tally.weighted_audio += weight * audio_value
+            tally.sigma_audio += losses.sigma_audio.mean().item()
+            tally.audio_batches += 1
+        # Terms on the main forward's graph (one backward with the main loss).
+        terms: list[tuple[str, torch.Tensor, float]] = []
+        if losses.loss_silence is not None:
+            terms.append(("silence", losses.loss_silence, cfg.audio.silence_weight))
+            tally.regularizer = "silence"
+        if self.preservation.cfg.prior_divergence:
+            distance = self.preservation.prior_divergence(losses.inputs, losses.pred_video, losses.pred_audio,
+                                                          self.denoiser, self.network, self.device, self.autocast_dtype)
+            terms.append(("prior_divergence", distance, -self.preservation.weight("prior_divergence")))
+        for _, value, term_weight in terms:
+            total = total + term_weight * value
+        if not self._record_extras(terms, tally.extras, tally.ids):
+            return False
+        tally.extra_objective += sum(w * v.detach().item() for _, v, w in terms)
+        tally.video += video_value
+        tally.sigma_video += losses.sigma_video.mean().item()
+        tally.batches += 1
+        self._backward(total / accum)
+
+        # Terms with their own forwards, each backpropagated at once (their graphs never coexist).
+        separate: list[tuple[str, torch.Tensor, float]] = []
+        if missing_audio == "audio_dop" and batch.audio is None:
+            dop = audio_dop_loss(losses.inputs, batch, self.denoiser, self.network, self.silence, cfg, self.generator,
+                                 self.device, self.autocast_dtype)
+            separate.append(("audio_dop", dop, cfg.audio.audio_dop_multiplier))
+            tally.regularizer = "audio_dop"
+        for name, value in self.preservation.prompt_losses(losses.inputs, self.denoiser, self.network, self.device,
+                                                           self.autocast_dtype).items():
+            separate.append((name, value, self.preservation.weight(name)))
+        for term in separate:
+            if not self._record_extras([term], tally.extras, tally.ids):
+                return False
+            _, value, term_weight = term
+            self._backward(term_weight * value / accum)
+            tally.extra_objective += term_weight * value.detach().item()
+        return True
+
+    def _apply_gradients(self, tally: "_StepTally") -> torch.Tensor | None:
+        """Clip, step the optimizer and the schedule; the gradient norm, or None when it is not finite (the
+        step is skipped)."""
+        params = [p for p in self.network.parameters() if p.grad is not None]
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        max_norm = self.config.train.max_grad_norm
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+        if not torch.isfinite(grad_norm):
+            self._skip_nonfinite(tally.ids, float("nan"), None, what="gradient norm")
+            return None
+        tally.lr = self._base_lr()
+        tally.lr_groups = {g["name"]: g["lr"] for g in self.optimizer.param_groups}
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        self.consecutive_nonfinite = 0
+        return grad_norm
+
+    def _step_metrics(self, tally: "_StepTally", grad_norm: torch.Tensor, step_time: float) -> dict:
+        """The metrics.jsonl row of the step just taken."""
+        n, an = tally.batches, tally.audio_batches
+        loss_video = tally.video / n
+        loss_audio = tally.audio / an if an else None
+        weighted_audio = tally.weighted_audio / an if an else None
+        self._last_losses = (loss_video, loss_audio)
+        extras = tally.extras
+        regularizer_values = extras.get("silence", []) + extras.get("audio_dop", [])
+        return {
+            "step": self.step,
+            "loss": self.config.loss.video_weight * loss_video + (weighted_audio or 0.0) + tally.extra_objective / n,
+            "loss_video": loss_video,
+            "loss_audio": loss_audio,
+            "loss_audio_weighted": weighted_audio,
+            "audio_weight": self.balancer.weight if an else None,
+            "sigma_video": tally.sigma_video / n,
+            "sigma_audio": tally.sigma_audio / an if an else None,
+            "lr": tally.lr,
+            "lr_groups": tally.lr_groups if len(tally.lr_groups) > 1 else None,
+            "grad_norm": float(grad_norm),
+            "audio_supervised": an > 0,
+            "audio_batches": an,
+            "regularizer": tally.regularizer,
+            "loss_regularizer": sum(regularizer_values) / len(regularizer_values) if regularizer_values else None,
+            "loss_dop": _mean(extras.get("dop")),
+            "loss_blank": _mean(extras.get("blank")),
+            "loss_prior_divergence": _mean(extras.get("prior_divergence")),
+            "val_loss_video": None,
+            "val_loss_audio": None,
+            "step_time_s": step_time,
+            "data_time_s": tally.data_time,
+            "peak_mem_bytes": _peak_memory_bytes(self.device),
+            "items": tally.ids,
+        }
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def _record_extras(self, terms, extras: dict[str, list[float]], ids: list[str]) -> bool:
+        """Store the raw values of regulariser terms; False (after skipping the step) when one is not finite."""
+        for name, value, _ in terms:
+            number = value.detach().item()
+            if not math.isfinite(number):
+                self._skip_nonfinite(ids, float("nan"), None, what=f"{name} loss")
+                return False
+            extras.setdefault(name, []).append(number)
+        return True
+
+    def _base_lr(self) -> float:
+        for group in self.optimizer.param_groups:
+            if group.get("name") == "base":
+                return group["lr"]
+        return self.optimizer.param_groups[0]["lr"]
+
+    def _check_supervision(self, batch_samples: list[LatentSample], supervised: bool) -> None:
+        check = self.monitor.observe(batch_samples, supervised)
+        if check is None:
+            return
+        if self.config.audio.supervision_mode == "error":
+            raise TrainingError(f"step {self.step + 1}: {check.message} (audio.supervision_mode = \"error\"; "
+                                "\"warn\" only reports it)")
+        self._warn(f"step {self.step + 1}: {check.message}")
+
+    def _skip_nonfinite(self, ids: list[str], video_value: float, audio_value: float | None, what: str = "loss") -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.consecutive_nonfinite += 1
+        limit = self.config.train.max_consecutive_nonfinite
+        message = (f"step {self.step + 1}: non-finite {what} (video={video_value}, audio={audio_value}) on batch "
+                   f"{', '.join(ids)}; step skipped ({self.consecutive_nonfinite}/{limit} in a row)")
+        self._warn(message)
+        if self.consecutive_nonfinite >= limit:
+            last = f" The last good checkpoint is {self.last_state}." if self.last_state else ""
+            raise TrainingError(
+                f"{limit} consecutive non-finite steps: training stopped.{last} Lower optimizer.lr, use "
+                "train.mixed_precision = \"bf16\" instead of fp16, or check the cached latents of the batches named above."
+            )
+
+    def _warn(self, message: str) -> None:
+        self.warnings.append(message)
+        self.callbacks.on_warning(self, message)
+
+
+def format_log_line(metrics: dict, total_steps: int) -> str:
+    audio = metrics["loss_audio"]
+    if audio is None:
+        audio_part = "[audio] no audio in this step"
+        if metrics.get("regularizer"):
+            audio_part += f" ({metrics['regularizer']} regulariser {metrics['loss_regularizer']:.5f})"
+    else:
+        audio_part = (f"[audio] raw={audio:.5f}, weighted={metrics['loss_audio_weighted']:.5f}, "
+                      f"video={metrics['loss_video']:.5f}, weight={metrics['audio_weight']:.3f}")
+    line = (f"step {metrics['step']}/{total_steps} {audio_part} | σ_v={metrics['sigma_video']:.3f}"
+            + (f" σ_a={metrics['sigma_audio']:.3f}" if metrics['sigma_audio'] is not None else "")
+            + f" lr={metrics['lr']:.2e} ({metrics['step_time_s']:.2f} s/step)")
+    if metrics.get("val_loss_video") is not None:
+        line += f" | val video={metrics['val_loss_video']:.5f}"
+        if metrics.get("val_loss_audio") is not None:
+            line += f" audio={metrics['val_loss_audio']:.5f}"
+    return line
+
+
+def _mean(values: list[float] | None) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    # CPU: the process' peak resident set (ru_maxrss is in KiB on Linux, bytes on macOS).
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def _json_line(row: dict) -> str:
+    return json.dumps(row, default=str) + "\n"
