@@ -66,31 +66,40 @@ def test_lora_starts_at_base_and_detaches_cleanly():
     assert "transformer_blocks.0.audio_attn1.to_q.weight" in dict(denoiser.transformer.named_parameters())
 
 
+@pytest.mark.parametrize("lora_format", ["lora_ab", "down_up"])
 @pytest.mark.parametrize("preset,expect_audio", [("av", True), ("voice", True), ("video", False)])
-def test_exported_keys_use_reference_names_and_honour_alpha(tmp_path, preset, expect_audio):
+def test_exported_keys_use_reference_names_and_honour_alpha(tmp_path, preset, expect_audio, lora_format):
     denoiser = build_denoiser(ModelConfig(version="2.0"))
     net = build_lora(denoiser, NetworkConfig(rank=4, alpha=2.0, preset=preset), with_audio=True)
     with torch.no_grad():
         for _, layer in net.named_layers():
             layer.up.normal_()
-    path = save_network(net, tmp_path / "l.safetensors", config_json="{}", base_fingerprint=denoiser.fingerprint(), step=3, version="2.0", dtype="float32")
+    path = save_network(net, tmp_path / "l.safetensors", config_json="{}", base_fingerprint=denoiser.fingerprint(), step=3,
+                        version="2.0", dtype="float32", lora_format=lora_format)
     tensors, metadata = read_adapter_file(path)
     assert metadata["ltx2_av_trainer.step"] == "3" and metadata["ltx2_av_trainer.base_fingerprint"] == denoiser.fingerprint()
+    assert metadata["ltx2_av_trainer.lora_format"] == lora_format
     assert all(k.startswith("diffusion_model.transformer_blocks.") for k in tensors)
-    assert all(k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in tensors)
+    suffixes = {"lora_ab": (".lora_A.weight", ".lora_B.weight"), "down_up": (".lora_down.weight", ".lora_up.weight", ".alpha")}
+    assert all(k.endswith(suffixes[lora_format]) for k in tensors)
     modules = {k.rsplit(".lora_", 1)[0].rsplit(".alpha", 1)[0] for k in tensors}
+    assert len(tensors) == len(modules) * len(suffixes[lora_format])
     groups = _groups(m[len("diffusion_model."):] for m in modules)
     has_audio = bool(groups & {"audio_attn", "audio_ff", "a2v", "v2a"})
     assert has_audio == expect_audio
     if preset in ("av", "voice"):
         assert {"a2v", "v2a"} <= groups
-        assert "diffusion_model.transformer_blocks.1.audio_attn1.to_q.lora_up.weight" in tensors or preset == "voice"
-    # alpha honoured: the file's alpha/rank · up · down is the delta the network applied.
+        assert "diffusion_model.transformer_blocks.1.audio_attn1.to_q" in modules or preset == "voice"
+    # alpha honoured: the file's update is the delta the network applied (lora_ab: alpha/rank is folded into
+    # lora_B, which every runtime applies as lora_B·lora_A; down_up: the runtime scales by .alpha / rank).
     key = sorted(modules)[0]
-    path_in_model = key[len("diffusion_model."):]
-    layer = dict(net.named_layers())[path_in_model]
-    assert tensors[key + ".alpha"].item() == 2.0
-    delta_file = tensors[key + ".lora_up.weight"] @ tensors[key + ".lora_down.weight"] * (tensors[key + ".alpha"] / 4)
+    layer = dict(net.named_layers())[key[len("diffusion_model."):]]
+    if lora_format == "lora_ab":
+        assert torch.allclose(tensors[key + ".lora_B.weight"], layer.up * 0.5)
+        delta_file = tensors[key + ".lora_B.weight"] @ tensors[key + ".lora_A.weight"]
+    else:
+        assert tensors[key + ".alpha"].item() == 2.0
+        delta_file = tensors[key + ".lora_up.weight"] @ tensors[key + ".lora_down.weight"] * (tensors[key + ".alpha"] / 4)
     x = torch.eye(layer.down.shape[1])
     assert torch.allclose(layer.delta(x).T, delta_file, atol=1e-6)
 
@@ -115,6 +124,8 @@ def test_verify_counts_groups_and_flags_unloaded_keys(tmp_path):
 
 def test_reference_path_mapping_only_at_start():
     assert diffusers_to_reference_path("time_embed.linear") == "adaln_single.linear"
+    assert diffusers_to_reference_path("proj_in") == "patchify_proj"  # module names without a tail map too
+    assert diffusers_to_reference_path("audio_time_embed") == "audio_adaln_single"
     assert diffusers_to_reference_path("av_cross_attn_video_a2v_gate.linear") == "av_ca_a2v_gate_adaln_single.linear"
     assert diffusers_to_reference_path("transformer_blocks.0.audio_attn1.norm_q") == "transformer_blocks.0.audio_attn1.q_norm"
     assert diffusers_to_reference_path("transformer_blocks.0.audio_attn1.to_q") == "transformer_blocks.0.audio_attn1.to_q"

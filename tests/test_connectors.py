@@ -69,7 +69,7 @@ def test_audio_connector_training_adapts_only_the_audio_text_path(tmp_path, text
     assert torch.equal(after.video, before.video)  # the video connector is not adapted
     assert not torch.allclose(after.audio, before.audio, atol=1e-4)  # the audio text context learned
     tensors, _ = read_adapter_file(trainer.last_lora)
-    assert "diffusion_model.audio_embeddings_connector.transformer_1d_blocks.0.attn1.to_q.lora_up.weight" in tensors
+    assert "diffusion_model.audio_embeddings_connector.transformer_1d_blocks.0.attn1.to_q.lora_B.weight" in tensors
     trainer.network.detach()
     with pytest.raises(ConfigError, match="pass the connectors"):
         load_lora_file(denoiser, trainer.last_lora)

@@ -238,8 +238,8 @@ def test_dropped_lora_keys_do_show_in_the_server_log(server, character_runs):
     prompt, _ = character_runs["ltx2_av_character_lora.json"]
     lora_file = saved_lora(server, prompt)
     tensors = load_file(lora_file)
-    down = next(key for key in tensors if key.startswith("diffusion_model.") and key.endswith(".lora_down.weight"))
-    module = down.removesuffix(".lora_down.weight")  # rename all of one module's keys (down, up, alpha)
+    down = next(key for key in tensors if key.startswith("diffusion_model.") and key.endswith(".lora_A.weight"))
+    module = down.removesuffix(".lora_A.weight")  # rename all of one module's keys (lora_A, lora_B)
     for key in [key for key in tensors if key.startswith(module + ".")]:
         tensors["transformer." + key.removeprefix("diffusion_model.")] = tensors.pop(key)
     save_file(tensors, lora_file.with_name("diffusers_named_module.safetensors"))

@@ -16,8 +16,9 @@ from latent_fixtures import make_samples, tiny_config
 
 TYPES = ["lora", "dora", "lokr", "loha"]
 EXPECTED_SUFFIXES = {
-    "lora": {".lora_down.weight", ".lora_up.weight", ".alpha"},
-    "dora": {".lora_down.weight", ".lora_up.weight", ".alpha", ".dora_scale"},
+    # LoRA and DoRA in the default output.lora_format (lora_ab: alpha/rank folded into lora_B).
+    "lora": {".lora_A.weight", ".lora_B.weight"},
+    "dora": {".lora_A.weight", ".lora_B.weight", ".dora_scale"},
     "lokr": {".lokr_w1", ".lokr_w2", ".alpha"},  # rank 4 >= half of the 8x8 w2: full w2
     "loha": {".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b", ".alpha"},
 }

@@ -142,7 +142,7 @@ def test_optimizer_variants_train_and_resume_bit_for_bit(tmp_path, name, lr):
     rows_a, rows_b = metric_rows(tmp_path / "straight"), metric_rows(tmp_path / "split")
     assert [r["loss"] for r in rows_a] == [r["loss"] for r in rows_b]
     exported = load_file(str(straight.last_lora))
-    key = "diffusion_model.transformer_blocks.0.attn1.to_q.lora_up.weight"
+    key = "diffusion_model.transformer_blocks.0.attn1.to_q.lora_B.weight"  # alpha = rank: lora_B is up itself
     trained = straight.network.state_dict()["layers.transformer_blocks__0__attn1__to_q.up"]
     if name == "schedule_free_adamw":
         # The file holds the averaged weights x, the state the gradient point y; training goes on from y.

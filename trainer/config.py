@@ -300,6 +300,13 @@ class OutputConfig:
     keep_states: int = opt(2, "How many resumable states to keep on disk.")
     save_dtype: Literal["float32", "bfloat16", "float16"] = opt("bfloat16", "Precision of the exported LoRA tensors.")
     resume: Literal["auto", "never"] = opt("auto", "auto: continue from the latest state in the run directory.")
+    lora_format: Literal["lora_ab", "down_up"] = opt(
+        "lora_ab",
+        "Key layout of the exported LoRA (and DoRA) files. lora_ab: diffusion_model.<module>.lora_A.weight / "
+        ".lora_B.weight with alpha/rank folded into lora_B, which ComfyUI, diffusers (LTX2Pipeline.load_lora_weights) "
+        "and ltx-core / ltx-pipelines all apply identically. down_up: .lora_down.weight / .lora_up.weight / .alpha "
+        "(ComfyUI only: diffusers' loader fails on it and ltx-core skips it). LoKr and LoHa keep their own keys.",
+    )
 
 
 @dataclass

@@ -1,9 +1,12 @@
-"""Adapter files: every network type in the keys ComfyUI loads, with the run's metadata.
+"""Adapter files: every network type in keys ComfyUI, diffusers and ltx-core load, with the run's metadata.
 
-Keys are ``diffusion_model.<reference module path><suffix>``; the suffixes per type are those
-``comfy.weight_adapter`` reads: lora ``.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``; dora the same
-plus ``.dora_scale`` ``[1, in]``; lokr ``.lokr_w1`` and ``.lokr_w2`` or ``.lokr_w2_a`` / ``.lokr_w2_b`` plus
-``.alpha``; loha ``.hada_w1_a`` / ``.hada_w1_b`` / ``.hada_w2_a`` / ``.hada_w2_b`` plus ``.alpha``.
+Keys are ``diffusion_model.<reference module path><suffix>``. LoRA and DoRA follow ``output.lora_format``
+(``formats.py`` says which runtime loads which): ``lora_ab`` (default) ``.lora_A.weight`` / ``.lora_B.weight``
+with alpha/rank folded into lora_B, the one layout ComfyUI, diffusers and ltx-core apply identically;
+``down_up`` ``.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` (ComfyUI only). DoRA adds ``.dora_scale``
+``[1, in]``; LoKr writes ``.lokr_w1`` and ``.lokr_w2`` or ``.lokr_w2_a`` / ``.lokr_w2_b`` plus ``.alpha``; LoHa
+``.hada_w1_a`` / ``.hada_w1_b`` / ``.hada_w2_a`` / ``.hada_w2_b`` plus ``.alpha`` (the suffixes
+``comfy.weight_adapter`` reads; only ComfyUI applies those three types).
 """
 
 from __future__ import annotations
@@ -16,9 +19,8 @@ import torch
 from safetensors import safe_open
 
 from ..io_utils import save_safetensors_atomic
-from .layers import FILE_SUFFIXES
+from .formats import export_tensors
 
-KEY_PREFIX = "diffusion_model."
 METADATA_PREFIX = "ltx2_av_trainer."
 SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -42,15 +44,12 @@ def module_group(path: str) -> str:
     return "other"
 
 
-_ALL_SUFFIXES = sorted({s for suffixes in FILE_SUFFIXES.values() for s in suffixes}, key=len, reverse=True)
-_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.")
-
-
 def save_network(network, path: str | Path, *, config_json: str, base_fingerprint: str, step: int, version: str,
-                 dtype: str = "bfloat16") -> Path:
-    """Write the network's tensors (ComfyUI keys) and the run's metadata atomically."""
+                 dtype: str = "bfloat16", lora_format: str = "lora_ab") -> Path:
+    """Write the network's tensors (keys of ``lora_format``) and the run's metadata atomically."""
     path = Path(path)
     net = network.net_config
+    folded = lora_format == "lora_ab" and net.type in ("lora", "dora")
     metadata = {
         METADATA_PREFIX + "config": config_json,
         METADATA_PREFIX + "base_fingerprint": base_fingerprint,
@@ -58,11 +57,14 @@ def save_network(network, path: str | Path, *, config_json: str, base_fingerprin
         METADATA_PREFIX + "model_version": version,
         METADATA_PREFIX + "network_type": net.type,
         METADATA_PREFIX + "groups": json.dumps(sorted({module_group(p) for p, _ in network.named_layers()})),
+        METADATA_PREFIX + "lora_format": lora_format,
         "ss_network_dim": str(net.rank),
-        "ss_network_alpha": str(net.alpha),
+        # With alpha/rank folded into lora_B the file applies at alpha = rank.
+        "ss_network_alpha": str(net.rank if folded else net.alpha),
         "modelspec.architecture": f"ltx-2{'.3' if version == '2.3' else ''}/{'lora' if net.type == 'lora' else 'lycoris-' + net.type}",
     }
-    save_safetensors_atomic(network.file_tensors(KEY_PREFIX, SAVE_DTYPES[dtype]), path, metadata=metadata)
+    tensors = export_tensors(network.module_tensors(), lora_format, SAVE_DTYPES[dtype])
+    save_safetensors_atomic(tensors, path, metadata=metadata)
     return path
 
 
@@ -74,25 +76,3 @@ def read_adapter_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
         metadata = fh.metadata() or {}
         tensors = {k: fh.get_tensor(k) for k in fh.keys()}
     return tensors, metadata
-
-
-def split_adapter_key(key: str) -> tuple[str, str] | None:
-    """'diffusion_model.a.b.lokr_w2_a' → ('a.b', '.lokr_w2_a'); None if not an adapter tensor key."""
-    for suffix in _ALL_SUFFIXES:
-        if key.endswith(suffix):
-            module = key[: -len(suffix)]
-            for prefix in _PREFIXES:
-                if module.startswith(prefix):
-                    return module[len(prefix):], suffix
-            return module, suffix
-    return None
-
-
-def group_file_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """Reference module path → {suffix: tensor}."""
-    grouped: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        parsed = split_adapter_key(key)
-        if parsed is not None:
-            grouped.setdefault(parsed[0], {})[parsed[1]] = tensor
-    return grouped

@@ -170,13 +170,10 @@ class LoRANetwork(nn.Module):
         for key, layer in self.layers.items():
             yield self.paths[key], layer
 
-    def file_tensors(self, prefix: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """Every layer's tensors under ``<prefix><reference path><suffix>``, in ComfyUI's layout for the type."""
-        tensors = {}
-        for path, layer in self.named_layers():
-            for suffix, tensor in layer.file_tensors().items():
-                tensors[prefix + path + suffix] = tensor.detach().to("cpu", dtype).contiguous()
-        return tensors
+    def module_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Reference path → the layer's tensors by key suffix (``layers.FILE_SUFFIXES``), detached, float32."""
+        return {path: {suffix: tensor.detach().float() for suffix, tensor in layer.file_tensors().items()}
+                for path, layer in self.named_layers()}
 
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -234,18 +231,30 @@ def build_lora(denoiser, net: NetworkConfig, *, with_audio: bool, connectors=Non
 
 
 def load_lora_file(denoiser, path, *, multiplier: float = 1.0, connectors=None) -> LoRANetwork:
-    """Attach an adapter file (our export, or any ``diffusion_model.<path>`` LoRA / DoRA / LoKr / LoHa file
-    in ComfyUI's keys) to ``denoiser`` (and ``connectors`` for connector keys) for sampling. Type, rank,
-    alpha and the LoKr split are read per module from the file."""
-    from .files import group_file_tensors, read_adapter_file
+    """Attach an adapter file to ``denoiser`` (and ``connectors`` for connector keys) for sampling: our export, or
+    a LoRA / DoRA / LoKr / LoHa file in any layout ``formats.parse_lora`` reads (ComfyUI, kohya / musubi-tuner,
+    diffusers, PEFT). Type, rank, alpha and the LoKr split are read per module from the file."""
+    from ..backends.diffusers_backend import diffusers_to_reference_path
+    from .files import read_adapter_file
+    from .formats import parse_lora
 
-    tensors, _ = read_adapter_file(path)
-    modules = dict(denoiser.adaptable_modules())
+    tensors, metadata = read_adapter_file(path)
+    # Files of other trainers may also adapt Linear layers outside the blocks (ai-toolkit adapts every one).
+    modules = {diffusers_to_reference_path(name): module for name, module in denoiser.module.named_modules()
+               if name and is_linear_like(module)}
+    modules.update(denoiser.adaptable_modules())
     if connectors is not None:
         modules.update(connectors.adaptable_modules())
-    grouped = group_file_tensors(tensors)
+    parsed = parse_lora(tensors, metadata)
+    grouped = parsed.modules
     if not grouped:
-        raise ConfigError(f"{path}: no adapter tensors (lora_down/up, lokr_*, hada_*) found")
+        reasons = sorted(set(parsed.unconvertible.values()))
+        raise ConfigError(f"{path}: no adapter tensors (lora_A/B, lora_down/up, lokr_*, hada_*) found"
+                          + (f" ({reasons[0]})" if reasons else ""))
+    if parsed.unconvertible:
+        key, why = next(iter(parsed.unconvertible.items()))
+        raise ConfigError(f"{path}: {len(parsed.unconvertible)} keys cannot be applied (first: {key}: {why}); "
+                          "`ltx2-av-trainer verify` lists them")
     unknown = sorted(p for p in grouped if p not in modules)
     if unknown:
         hint = " (text-connector modules: pass the connectors)" if any("embeddings_connector" in p for p in unknown) else ""

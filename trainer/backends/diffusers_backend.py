@@ -257,16 +257,16 @@ def build_denoiser(model_cfg: ModelConfig, memory: MemoryConfig | None = None) -
 
 # Reference (ComfyUI / ltx-core) names of the diffusers top-level modules, for key conversion.
 _DIFFUSERS_TO_REFERENCE_PREFIX = [
-    (r"^proj_in\.", "patchify_proj."),
-    (r"^audio_proj_in\.", "audio_patchify_proj."),
-    (r"^time_embed\.", "adaln_single."),
-    (r"^audio_time_embed\.", "audio_adaln_single."),
-    (r"^av_cross_attn_video_scale_shift\.", "av_ca_video_scale_shift_adaln_single."),
-    (r"^av_cross_attn_audio_scale_shift\.", "av_ca_audio_scale_shift_adaln_single."),
-    (r"^av_cross_attn_video_a2v_gate\.", "av_ca_a2v_gate_adaln_single."),
-    (r"^av_cross_attn_audio_v2a_gate\.", "av_ca_v2a_gate_adaln_single."),
-    (r"^prompt_adaln\.", "prompt_adaln_single."),
-    (r"^audio_prompt_adaln\.", "audio_prompt_adaln_single."),
+    (r"^proj_in(?=\.|$)", "patchify_proj"),
+    (r"^audio_proj_in(?=\.|$)", "audio_patchify_proj"),
+    (r"^time_embed(?=\.|$)", "adaln_single"),
+    (r"^audio_time_embed(?=\.|$)", "audio_adaln_single"),
+    (r"^av_cross_attn_video_scale_shift(?=\.|$)", "av_ca_video_scale_shift_adaln_single"),
+    (r"^av_cross_attn_audio_scale_shift(?=\.|$)", "av_ca_audio_scale_shift_adaln_single"),
+    (r"^av_cross_attn_video_a2v_gate(?=\.|$)", "av_ca_a2v_gate_adaln_single"),
+    (r"^av_cross_attn_audio_v2a_gate(?=\.|$)", "av_ca_v2a_gate_adaln_single"),
+    (r"^prompt_adaln(?=\.|$)", "prompt_adaln_single"),
+    (r"^audio_prompt_adaln(?=\.|$)", "audio_prompt_adaln_single"),
 ]
 
 

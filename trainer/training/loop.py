@@ -373,7 +373,8 @@ class Trainer:
         lora_path = self.run_dir / "lora" / f"{cfg.output.name}_{self.step:06d}.safetensors"
         with evaluation_weights(self.optimizer, list(self.network.parameters())):
             save_network(self.network, lora_path, config_json=cfg.to_json(), base_fingerprint=self.denoiser.fingerprint(),
-                         step=self.step, version=cfg.model.version, dtype=cfg.output.save_dtype)
+                         step=self.step, version=cfg.model.version, dtype=cfg.output.save_dtype,
+                         lora_format=cfg.output.lora_format)
         self.last_lora, self.last_state = lora_path, state_path
         self.callbacks.on_checkpoint(self, lora_path, state_path)
         return lora_path, state_path
