@@ -162,6 +162,10 @@ def build_model(checkpoint: Path, *, loras: tuple[tuple[str, float], ...] = (), 
     for path, strength in loras:
         builder = builder.lora(str(path), strength, LTXV_LORA_COMFY_RENAMING_MAP)
     model = builder.build(device=torch.device("cpu"), dtype=dtype)
+    if dtype is not None:
+        # With LoRAs, ltx-core gives only the fused weights the requested dtype and leaves the rest as stored
+        # (bf16): cast the rest too (lossless from bf16) so every tensor has the dtype asked for.
+        model = model.to(dtype)
     # ltx-core only logs a warning for tensors the checkpoint did not provide: the oracle must be complete.
     missing = [name for name, tensor in model.state_dict().items() if tensor.is_meta]
     if missing:
