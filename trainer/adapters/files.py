@@ -19,9 +19,8 @@ import torch
 from safetensors import safe_open
 
 from ..io_utils import save_safetensors_atomic
-from .formats import export_tensors
+from .formats import METADATA_PREFIX, export_tensors
 
-METADATA_PREFIX = "ltx2_av_trainer."
 SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # Module groups: verify counts applied modules per group, and a file's metadata lists the groups it trains.

@@ -60,6 +60,7 @@ from .layers import detect_type
 
 LORA_FORMATS = ("lora_ab", "down_up")
 KEY_PREFIX = "diffusion_model."
+METADATA_PREFIX = "ltx2_av_trainer."
 
 # ---- the LTX-2 modules an adapter can sit on (Linear layers, reference names) -----------------------------------
 
@@ -234,6 +235,7 @@ def parse_lora(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None
     metadata = metadata or {}
     modules: dict[str, dict[str, torch.Tensor]] = {}
     names: dict[str, str] = {}
+    keys_of: dict[str, list[str]] = {}
     unconvertible: dict[str, str] = {}
     layouts: dict[str, int] = {}
     for key in sorted(tensors):
@@ -251,6 +253,7 @@ def parse_lora(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None
         else:
             modules.setdefault(path, {})[_SUFFIXES[suffix]] = tensors[key]
             names[path] = name
+            keys_of.setdefault(path, []).append(key)
     if layouts.get("lora_ab") and any(".lora_down.weight" in t for t in modules.values()) and not any(
             k.endswith(".lora_A.weight") for k in tensors):
         layouts["down_up"] = layouts.pop("lora_ab")
@@ -262,15 +265,15 @@ def parse_lora(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None
         try:
             kind = detect_type(set(module))
         except ValueError:
-            for suffix in module:
-                unconvertible[f"{names[path]}{suffix}"] = "an alpha without the adapter's factors"
+            for key in keys_of[path]:
+                unconvertible[key] = "an alpha without the adapter's factors"
             continue
         required = {"lora": (".lora_down.weight", ".lora_up.weight"), "dora": (".lora_down.weight", ".lora_up.weight"),
                     "lokr": (".lokr_w1",), "loha": (".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b")}[kind]
         absent = [s for s in required if s not in module]
         if absent:
-            for suffix in module:
-                unconvertible[f"{names[path]}{suffix}"] = f"incomplete {kind}: {', '.join(absent)} missing"
+            for key in keys_of[path]:
+                unconvertible[key] = f"incomplete {kind}: {', '.join(absent)} missing"
             continue
         if ".alpha" not in module and kind in ("lora", "dora"):
             found = _pattern_alpha(path, names[path], pattern)
@@ -282,8 +285,9 @@ def parse_lora(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None
                 module[".alpha"] = torch.tensor(float(found))
         parsed.modules[path] = module
     if missing_alpha:
-        parsed.notes.append(f"{missing_alpha} LoRA modules store no alpha: they apply at scale 1 (lora_B·lora_A), as "
-                            "ComfyUI, diffusers and ltx-core apply them; give the training alpha to convert to rescale")
+        parsed.notes.append(f"{missing_alpha} LoRA modules store no alpha: runtimes apply them as lora_B·lora_A (scale 1); "
+                            "if they were trained with alpha ≠ rank (ltx-trainer, PEFT keep it outside the file), give "
+                            "that alpha to convert to keep the trained strength")
     if meta_alpha is not None or pattern:
         parsed.notes.append("alpha read from the file's lora_adapter_metadata (diffusers)")
     return parsed
@@ -416,3 +420,65 @@ def runtime_support(tensors: dict[str, torch.Tensor], parsed: ParsedLoRA | None 
     else:
         ltx_core = RuntimeSupport(len(fused), "loads")
     return {"comfyui": RuntimeSupport(len(comfy), comfy_status, comfy_reason), "diffusers": diffusers, "ltx_core": ltx_core}
+
+
+# ---- converting a file ------------------------------------------------------------------------------------------
+
+# Metadata that describes the source's scaling, which the converted file no longer has (alpha is folded).
+_STALE_METADATA = ("lora_adapter_metadata", "ss_network_alpha")
+
+
+@dataclass
+class Conversion:
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+    parsed: ParsedLoRA
+    dropped: dict[str, str]  # source keys left out (skip_unconvertible) and why
+
+    def summary(self) -> str:
+        kinds = sorted(set(self.parsed.kinds().values()))
+        line = (f"converted {len(self.parsed.modules)} modules ({', '.join(kinds) or 'none'}) from the {self.parsed.layout} "
+                f"layout")
+        if self.dropped:
+            line += f"; left out {len(self.dropped)} keys that cannot be converted"
+        return line
+
+
+def convert_lora(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None, *, lora_format: str = "lora_ab",
+                 alpha: float | None = None, dtype: torch.dtype | None = None, skip_unconvertible: bool = False,
+                 module_paths: set[str] | None = None) -> Conversion:
+    """Any layout ``parse_lora`` reads → our keys in ``lora_format`` (``export_tensors``). Keys that cannot be
+    converted are an error naming them, or are left out with ``skip_unconvertible``. ``module_paths`` (a model's
+    reference module paths) also refuses modules the model does not have. The source's metadata is kept (IC-LoRA
+    settings such as ``reference_downscale_factor`` live there) except the entries that describe its scaling."""
+    from .files import GROUPS, module_group
+
+    metadata = dict(metadata or {})
+    parsed = parse_lora(tensors, metadata, alpha=alpha)
+    problems = dict(parsed.unconvertible)
+    if module_paths is not None:
+        for path in [p for p in parsed.modules if p not in module_paths]:
+            for suffix in parsed.modules.pop(path):
+                problems[f"{path}{suffix}"] = "this model has no such module (a file for another model version?)"
+    if problems and not skip_unconvertible:
+        key, why = next(iter(problems.items()))
+        raise ConfigError(f"{len(problems)} keys cannot be converted (first: {key}: {why}); "
+                          "`ltx2-av-trainer verify` lists them, or leave them out (skip unconvertible)")
+    if not parsed.modules:
+        raise ConfigError("no adapter module to convert (no lora_A/B, lora_down/up, lokr_* or hada_* tensors of LTX-2 modules)")
+    if dtype is None:
+        found = [t.dtype for m in parsed.modules.values() for s, t in m.items() if s != ".alpha"]
+        dtype = max(set(found), key=found.count)
+    out = export_tensors(parsed.modules, lora_format, dtype)
+    new_metadata = {k: v for k, v in metadata.items() if k not in _STALE_METADATA}
+    kinds = parsed.kinds()
+    new_metadata.update({
+        METADATA_PREFIX + "lora_format": lora_format,
+        METADATA_PREFIX + "groups": json.dumps(sorted({module_group(p) for p in parsed.modules} & set(GROUPS))),
+        METADATA_PREFIX + "converted_from": json.dumps({
+            "layout": parsed.layout, "keys": len(tensors), "modules": len(parsed.modules),
+            "types": sorted(set(kinds.values())), "left_out": len(problems), "alpha_override": alpha}),
+    })
+    if kinds and all(k == "lora" for k in kinds.values()):
+        new_metadata.setdefault(METADATA_PREFIX + "network_type", "lora")
+    return Conversion(out, new_metadata, parsed, problems)
