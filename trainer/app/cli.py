@@ -1,6 +1,6 @@
 """``ltx2-av-trainer``: the headless command line on the same core as the ComfyUI nodes.
 
-Subcommands: demo, doctor, cache, train, verify, sample, score, report, bench. Every one takes ``--help``; those that write
+Subcommands: demo, doctor, cache, train, verify, convert, merge, sample, score, report, bench. Every one takes ``--help``; those that write
 a report take ``--json PATH``. Errors exit non-zero with one line saying what is wrong and what to do.
 """
 
@@ -76,10 +76,8 @@ def cmd_verify(args) -> int:
 
     config = _load_config(args)
     report = run_verify_command(config, Path(args.lora))
-    print(report.summary())
-    if report.unloaded_keys:
-        for key in report.unloaded_keys[:20]:
-            print(f"  not loaded: {key}")
+    if not args.quiet:
+        print(report.to_text())
     _write_json(args.json, report.to_dict())
     return 0 if report.ok else 1
 
@@ -169,10 +167,18 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("verify", help="check which LoRA keys land on the model, per module group")
+    p = sub.add_parser("verify", help="check which LoRA keys land on the model, per module group (files of other trainers "
+                                      "too: what would load after convert)")
     p.add_argument("lora", help="LoRA .safetensors file")
     common(p)
     p.set_defaults(func=cmd_verify)
+
+    from .lora_cli import add_convert_arguments, add_merge_arguments
+
+    add_convert_arguments(sub.add_parser("convert", help="write a LoRA of any LTX-2 trainer in our key layout (loads in "
+                                                         "ComfyUI, diffusers and ltx-core)"))
+    add_merge_arguments(sub.add_parser("merge", help="merge LoRAs into one (concatenated ranks, exact; or SVD to a rank), "
+                                                     "with weights per module group"))
 
     p = sub.add_parser("sample", help="generate audio+video with the LoRA and, same seed, without it")
     p.add_argument("--lora", help="LoRA file (omit to sample the base model only)")

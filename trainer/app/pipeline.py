@@ -269,12 +269,16 @@ def run_train_command(config: Config, *, resume: str | None = None, no_resume: b
 # ---- verify ---------------------------------------------------------------------------------------
 
 
-def run_verify_command(config: Config, lora: Path):
+def model_module_paths(config: Config) -> set[str]:
+    """The reference module paths of the run's model (what a LoRA's keys are checked against)."""
     from ..backends.diffusers_backend import diffusers_to_reference_path
 
     denoiser = build_headless_denoiser(config)
-    module_paths = {diffusers_to_reference_path(name) for name, _ in denoiser.module.named_modules()}
-    return verify_lora_keys(lora, module_paths)
+    return {diffusers_to_reference_path(name) for name, _ in denoiser.module.named_modules() if name}
+
+
+def run_verify_command(config: Config, lora: Path):
+    return verify_lora_keys(lora, model_module_paths(config))
 
 
 # ---- sample ---------------------------------------------------------------------------------------
