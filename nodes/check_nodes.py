@@ -58,10 +58,12 @@ def chosen_lora(lora, lora_name: str | None) -> Path:
 
 
 def verify_with_comfyui(model_patcher, path: Path) -> VerifyReport:
-    """The verify report of ``path`` as ComfyUI's own LoRA loader applies it to the MODEL."""
+    """The verify report of ``path`` as ComfyUI's own LoRA loader applies it to the MODEL, with what a file of
+    another trainer would apply after Convert LoRA."""
     tensors, metadata = read_adapter_file(path)
     applied, unloaded = keys_comfyui_applies(model_patcher, tensors)
-    return verify_report(path, tensors, metadata, applied, unloaded)
+    module_paths = {name for name, _ in ltxav_diffusion_model(model_patcher).named_modules() if name}
+    return verify_report(path, tensors, metadata, applied, unloaded, module_paths)
 
 
 class VerifyLoRAKeys(io.ComfyNode):
@@ -73,7 +75,8 @@ class VerifyLoRAKeys(io.ComfyNode):
             category=CATEGORY_CHECK,
             description="Loads the LoRA with ComfyUI's own key map onto the MODEL and counts the modules it changes "
                         "per group (video/audio attention, a2v, v2a, FFs, connectors). Fails when a group the run "
-                        "trained would not load.",
+                        "trained would not load. For LoRAs of other trainers it also says what Convert LoRA would "
+                        "make load, and how diffusers and ltx-core load the file.",
             inputs=[
                 io.Model.Input("model", tooltip="The MODEL the LoRA is meant for."),
                 LoRAType.Input("lora", optional=True, tooltip="From LTX2AV Train LoRA (or use lora_name)."),

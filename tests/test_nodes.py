@@ -46,6 +46,11 @@ CONTRACT = {
                          "guidance", "lora", "lora_name"], ["video_lora", "audio_lora", "video_base", "audio_base"]),
     # Added after the contract: the speaker similarity of an AUDIO with the dataset voice.
     "LTX2AV_VoiceScore": (["audio", "cache", "reference_file"], ["score", "report"]),
+    # LoRA files of any trainer into our layout, and two LoRAs into one (test_comfy_lora_nodes.py).
+    "LTX2AV_ConvertLoRA": (["lora_name", "lora", "filename", "lora_format", "model", "alpha", "skip_unconvertible"],
+                           ["lora", "report"]),
+    "LTX2AV_MergeLoRAs": (["lora_a_name", "lora_b_name", "a_audio", "a_video", "b_audio", "b_video", "method", "rank",
+                           "filename", "a_other", "b_other", "lora_format", "max_error"], ["lora", "report"]),
 }
 OUTPUT_TYPES = {
     "dataset": "LTX2AV_DATASET", "cache": "LTX2AV_CACHE", "config": "LTX2AV_CONFIG", "lora": "LTX2AV_LORA",
@@ -260,7 +265,8 @@ def test_schemas_follow_the_contract(comfy_home):
     assert optional == {("LTX2AV_VerifyLoRAKeys", "lora"), ("LTX2AV_VerifyLoRAKeys", "lora_name"),
                         ("LTX2AV_SampleAV", "lora"), ("LTX2AV_SampleAV", "lora_name"), ("LTX2AV_TrainLoRA", "vae"),
                         ("LTX2AV_TrainLoRA", "audio_vae"), ("LTX2AV_TrainLoRA", "clip"), ("LTX2AV_VoiceScore", "cache"),
-                        ("LTX2AV_VoiceScore", "reference_file")}
+                        ("LTX2AV_VoiceScore", "reference_file"), ("LTX2AV_ConvertLoRA", "lora_name"),
+                        ("LTX2AV_ConvertLoRA", "lora"), ("LTX2AV_ConvertLoRA", "model")}
     assert schemas["LTX2AV_TrainLoRA"].inputs[3].default == 100
 
 

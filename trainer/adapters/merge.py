@@ -28,6 +28,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Callable
 
 import torch
 
@@ -195,8 +196,10 @@ def _from_svd(u, s, vh, rank):
     return root[:, None] * vh[:keep], u[:, :keep] * root[None, :], error, bound
 
 
-def merge_loras(sources: list[MergeSource], *, method: str = "concat", rank: int | None = None) -> MergeResult:
-    """The merged LoRA of ``sources`` (module docstring). Pure: nothing is read or written."""
+def merge_loras(sources: list[MergeSource], *, method: str = "concat", rank: int | None = None,
+                on_module: Callable[[int, int], None] | None = None) -> MergeResult:
+    """The merged LoRA of ``sources`` (module docstring). Pure: nothing is read or written. ``on_module(done,
+    total)`` is called after each module (progress; it may raise to stop)."""
     if method not in MERGE_METHODS:
         raise ConfigError(f"merge method {method!r}; choose one of {', '.join(MERGE_METHODS)}")
     if method == "svd" and (rank is None or rank < 1):
@@ -218,7 +221,9 @@ def merge_loras(sources: list[MergeSource], *, method: str = "concat", rank: int
                                   "use method svd to re-project LoKr / LoHa to a LoRA")
     paths = sorted({p for s in sources for p in s.modules})
     modules, errors, bounds = {}, {}, {}
-    for path in paths:
+    for index, path in enumerate(paths):
+        if on_module is not None and index:
+            on_module(index, len(paths))
         group = module_group(path)
         parts = [(s, s.weights[group]) for s in sources if path in s.modules and s.weights[group] != 0.0]
         if not parts:
@@ -243,6 +248,8 @@ def merge_loras(sources: list[MergeSource], *, method: str = "concat", rank: int
         if a.shape[0] == 0:  # the weighted updates cancel exactly
             continue
         modules[path] = {".lora_down.weight": a.float(), ".lora_up.weight": b.float()}
+    if on_module is not None:
+        on_module(len(paths), len(paths))
     if not modules:
         raise ConfigError("merge: every module has weight 0 (check the per-group weights)")
     return MergeResult(method, rank, modules, errors, bounds, list(sources))
@@ -279,7 +286,8 @@ def read_source(path: str | Path, weights=None) -> MergeSource:
 
 
 def merge_files(paths, out: str | Path, *, weights=None, method: str = "concat", rank: int | None = None,
-                lora_format: str = "lora_ab", dtype: str = "bfloat16", max_error: float | None = None) -> dict:
+                lora_format: str = "lora_ab", dtype: str = "bfloat16", max_error: float | None = None,
+                on_module: Callable[[int, int], None] | None = None) -> dict:
     """Merge adapter files into ``out`` (written atomically); ``weights`` has one spec per file (``parse_weights``).
     With ``max_error``, nothing is written when a module's relative error exceeds it. Returns the report."""
     paths = [Path(p) for p in paths]
@@ -290,7 +298,7 @@ def merge_files(paths, out: str | Path, *, weights=None, method: str = "concat",
         raise ConfigError(f"merge: lora format {lora_format!r}; choose one of {', '.join(LORA_FORMATS)}")
     if dtype not in SAVE_DTYPES:
         raise ConfigError(f"merge: dtype {dtype!r}; choose one of {', '.join(SAVE_DTYPES)}")
-    result = merge_loras([read_source(p, w) for p, w in zip(paths, specs)], method=method, rank=rank)
+    result = merge_loras([read_source(p, w) for p, w in zip(paths, specs)], method=method, rank=rank, on_module=on_module)
     report = {"file": str(out), "summary": result.summary(), "method": method, "rank": rank, "modules": len(result.modules),
               "max_relative_error": result.max_error, "mean_relative_error": result.mean_error,
               "max_error_bound": max(result.bounds.values(), default=0.0), "errors": result.errors,
