@@ -95,9 +95,10 @@ class ModelConfig:
     source: str = opt("tiny", "\"tiny\" (embedded random-weight test model) or a local diffusers-format LTX-2 folder.")
     cross_modal_sigma: Literal["reference", "own", "cross"] = opt(
         "reference",
-        "Which σ drives the audio↔video cross-attention modulation. reference (current ltx-core / ComfyUI): scale/shift "
-        "from each modality's own timestep, a2v gate from σ_audio, v2a gate from σ_video. own: all from the modality's own "
-        "timestep (Jan 2026). cross: all from the other modality's σ (Mar 2026).",
+        "Which σ drives the audio↔video cross-attention modulation; pick the one of the runtime you sample with. "
+        "reference (ComfyUI, ltx-core >= 1.1.4): scale/shift from each modality's own timestep, a2v gate from σ_audio, "
+        "v2a gate from σ_video. own: all from the modality's own timestep (diffusers use_cross_timestep=False). cross: "
+        "all from the other modality's σ (ltx-core 1.0.0 from PyPI, diffusers' LTX2Pipeline default).",
     )
     gradient_checkpointing: bool = opt(False, "Recompute block activations in the backward pass (less memory, ~30 % slower).")
     tiny: TinyModelConfig = opt(TinyModelConfig(), "Dimensions of the embedded tiny model ([model.tiny]).")

@@ -12,36 +12,17 @@ with alpha/rank folded into lora_B, the one layout ComfyUI, diffusers and ltx-co
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 from ..io_utils import save_safetensors_atomic
-from .formats import METADATA_PREFIX, export_tensors
+from .formats import GROUPS, METADATA_PREFIX, export_tensors, module_group
+
+__all__ = ["GROUPS", "METADATA_PREFIX", "SAVE_DTYPES", "module_group", "read_adapter_file", "save_network"]
 
 SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-# Module groups: verify counts applied modules per group, and a file's metadata lists the groups it trains.
-GROUPS = ("video_attn", "audio_attn", "a2v", "v2a", "video_ff", "audio_ff", "connector", "other")
-_GROUP_RULES = [
-    ("connector", re.compile(r"(^|\.)(video|audio)_embeddings_connector\.")),
-    ("a2v", re.compile(r"(^|\.)audio_to_video_attn\.")),
-    ("v2a", re.compile(r"(^|\.)video_to_audio_attn\.")),
-    ("audio_attn", re.compile(r"(^|\.)audio_attn[12]\.")),
-    ("video_attn", re.compile(r"(^|\.)attn[12]\.")),
-    ("audio_ff", re.compile(r"(^|\.)audio_ff\.")),
-    ("video_ff", re.compile(r"(^|\.)ff\.")),
-]
-
-
-def module_group(path: str) -> str:
-    for group, rule in _GROUP_RULES:
-        if rule.search(path):
-            return group
-    return "other"
-
 
 def save_network(network, path: str | Path, *, config_json: str, base_fingerprint: str, step: int, version: str,
                  dtype: str = "bfloat16", lora_format: str = "lora_ab") -> Path:

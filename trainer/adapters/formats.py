@@ -62,6 +62,26 @@ LORA_FORMATS = ("lora_ab", "down_up")
 KEY_PREFIX = "diffusion_model."
 METADATA_PREFIX = "ltx2_av_trainer."
 
+# Module groups: verify counts applied modules per group, and a file's metadata lists the groups it trains.
+GROUPS = ("video_attn", "audio_attn", "a2v", "v2a", "video_ff", "audio_ff", "connector", "other")
+_GROUP_RULES = [
+    ("connector", re.compile(r"(^|\.)(video|audio)_embeddings_connector\.")),
+    ("a2v", re.compile(r"(^|\.)audio_to_video_attn\.")),
+    ("v2a", re.compile(r"(^|\.)video_to_audio_attn\.")),
+    ("audio_attn", re.compile(r"(^|\.)audio_attn[12]\.")),
+    ("video_attn", re.compile(r"(^|\.)attn[12]\.")),
+    ("audio_ff", re.compile(r"(^|\.)audio_ff\.")),
+    ("video_ff", re.compile(r"(^|\.)ff\.")),
+]
+
+
+def module_group(path: str) -> str:
+    for group, rule in _GROUP_RULES:
+        if rule.search(path):
+            return group
+    return "other"
+
+
 # ---- the LTX-2 modules an adapter can sit on (Linear layers, reference names) -----------------------------------
 
 _ATTENTIONS = ("attn1", "attn2", "audio_attn1", "audio_attn2", "audio_to_video_attn", "video_to_audio_attn")
@@ -451,8 +471,6 @@ def convert_lora(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | No
     converted are an error naming them, or are left out with ``skip_unconvertible``. ``module_paths`` (a model's
     reference module paths) also refuses modules the model does not have. The source's metadata is kept (IC-LoRA
     settings such as ``reference_downscale_factor`` live there) except the entries that describe its scaling."""
-    from .files import GROUPS, module_group
-
     metadata = dict(metadata or {})
     parsed = parse_lora(tensors, metadata, alpha=alpha)
     problems = dict(parsed.unconvertible)

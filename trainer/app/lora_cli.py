@@ -10,7 +10,7 @@ from ..adapters.files import SAVE_DTYPES, read_adapter_file
 from ..adapters.formats import LORA_FORMATS, convert_lora
 from ..adapters.merge import MERGE_METHODS, merge_files
 from ..config import Config, ConfigError
-from ..io_utils import save_safetensors_atomic
+from ..io_utils import atomic_write_json, save_safetensors_atomic
 
 
 def _model_module_paths(config_path: str | None) -> set[str] | None:
@@ -43,8 +43,6 @@ def convert_file(source: str | Path, out: str | Path, *, lora_format: str = "lor
 
 
 def cmd_convert(args) -> int:
-    from .cli import _write_json
-
     report = convert_file(args.lora, args.out, lora_format=args.format, alpha=args.alpha, dtype=args.dtype,
                           skip_unconvertible=args.skip_unconvertible, module_paths=_model_module_paths(args.config))
     if not args.quiet:
@@ -53,18 +51,18 @@ def cmd_convert(args) -> int:
             print(f"  left out {key}: {why}")
         for note in report["notes"]:
             print(f"  note: {note}")
-    _write_json(args.json, report)
+    if args.json:
+        atomic_write_json(args.json, report)
     return 0
 
 
 def cmd_merge(args) -> int:
-    from .cli import _write_json
-
     report = merge_files(args.loras, args.out, weights=args.weights, method=args.method, rank=args.rank,
                          lora_format=args.format, dtype=args.dtype, max_error=args.max_error)
     if not args.quiet:
         print(f"{report['summary']} → {report['file']}")
-    _write_json(args.json, report)
+    if args.json:
+        atomic_write_json(args.json, report)
     return 0
 
 
