@@ -8,7 +8,6 @@ loras folder is redirected to a temporary folder for the module.
 from __future__ import annotations
 
 import logging
-import os
 
 import pytest
 import torch
@@ -21,14 +20,8 @@ TINY = TinyModelConfig()
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(comfy, tmp_path_factory):
     """(loras folder, ComfyUI MODEL, our diffusers denoiser with the same weights)."""
-    path = os.environ.get("COMFYUI_PATH")
-    if not path:
-        pytest.skip("COMFYUI_PATH is not set: point it at a ComfyUI checkout to run the ComfyUI tier (make test-comfyui)")
-    from ltx2_av_trainer.trainer.backends.comfyui.env import import_model_management
-
-    import_model_management(path)
     import comfy.sd
     import folder_paths
     from comfy_fixtures import CHECKPOINT_PREFIX, diffusers_denoiser_from_comfy_state, write_tiny_ltxav_checkpoint

@@ -219,6 +219,7 @@ def test_unknown_names_and_tensors_are_named_with_a_reason():
         "diffusion_model.transformer_blocks.0.attn1.to_k.lora_A.weight": torch.zeros(2, 32),
         "text_embedding_projection.aggregate_embed.lora_A.weight": torch.zeros(2, 8),
         "diffusion_model.transformer_blocks.0.attn1.to_v.alpha": torch.tensor(4.0),
+        "diffusion_model.transformer_blocks.0.attn2.to_q.lokr_w1": torch.zeros(4, 4),
     }
     why = parse_lora(tensors).unconvertible
     assert "no LTX-2 Linear module" in why["diffusion_model.transformer_blocks.0.attn1.q_norm.lora_A.weight"]
@@ -226,7 +227,8 @@ def test_unknown_names_and_tensors_are_named_with_a_reason():
     assert "dots written as underscores" in why["lora_unet_model_transformer_blocks_0_attn9_to_q.lora_down.weight"]
     assert "incomplete lora" in why["diffusion_model.transformer_blocks.0.attn1.to_k.lora_A.weight"]
     assert "text encoder" in why["text_embedding_projection.aggregate_embed.lora_A.weight"]
-    assert "without the adapter's factors" in why["diffusion_model.transformer_blocks.0.attn1.to_v.alpha"]
+    assert "incomplete lokr: .lokr_w2" in why["diffusion_model.transformer_blocks.0.attn2.to_q.lokr_w1"]
+    assert "first factor" in why["diffusion_model.transformer_blocks.0.attn1.to_v.alpha"]
 
 
 # ---- converted files in the other runtimes' own loaders ------------------------------------------------------------

@@ -11,6 +11,7 @@ each layout and adapter type (what verify reports) are held here to what the two
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import ltx_core_oracle as oracle_lib
@@ -18,13 +19,14 @@ import pytest
 import torch
 from ltx2_av_trainer.trainer.adapters.files import GROUPS, module_group, save_network
 from ltx2_av_trainer.trainer.adapters.formats import parse_lora, runtime_support
-from ltx2_av_trainer.trainer.adapters.network import build_lora
+from ltx2_av_trainer.trainer.adapters.network import build_lora, load_lora_file
 from ltx2_av_trainer.trainer.backends.diffusers_backend import (
     DiffusersDenoiser,
     build_denoiser,
     diffusers_to_reference_path,
 )
 from ltx2_av_trainer.trainer.config import ModelConfig, NetworkConfig, TinyModelConfig
+from safetensors.torch import load_file, save_file
 
 ORACLE = oracle_lib.load_oracle()
 TINY = TinyModelConfig()
@@ -106,12 +108,17 @@ def diffusers_load(base, path):
     return fresh, adapted
 
 
+@functools.lru_cache(maxsize=4)
+def plain_state(checkpoint: str) -> dict[str, torch.Tensor]:
+    """ltx-core's model without a LoRA (its weights are what a fused LoRA changes)."""
+    return oracle_lib.build_model(checkpoint, dtype=torch.float32).state_dict()
+
+
 def ltx_core_load(checkpoint, path, strength: float = 1.0):
     """ltx-core's model with the file fused by its own loader: (model, reference paths whose weight changed,
     the tolerance its fusion precision allows)."""
-    plain = oracle_lib.build_model(checkpoint, dtype=torch.float32)
     fused = oracle_lib.build_model(checkpoint, loras=((str(path), strength),), dtype=torch.float32)
-    before, after = plain.state_dict(), fused.state_dict()
+    before, after = plain_state(str(checkpoint)), fused.state_dict()
     changed = {key.removesuffix(".weight") for key in after if key.endswith(".weight") and not torch.equal(before[key], after[key])}
     in_bf16 = bool(changed) and all(torch.equal(after[f"{p}.weight"], after[f"{p}.weight"].bfloat16().float()) for p in changed)
     return fused, changed, BF16_FUSION_TOLERANCE if in_bf16 else TOLERANCE
@@ -202,8 +209,6 @@ def test_runtime_support_states_what_the_loaders_do(base, checkpoint, tmp_path, 
     """LoRA in lora_ab loads in both; down_up fails in diffusers and is skipped by ltx-core; DoRA applies in both
     without its magnitude (a different result); LoKr and LoHa: diffusers refuses them, ltx-core skips them."""
     path, prediction, trained = trained_file(base, tmp_path, net, lora_format)
-    from safetensors.torch import load_file
-
     tensors = load_file(str(path))
     predicted = runtime_support(tensors, parse_lora(tensors))
     with caplog.at_level(logging.WARNING):
@@ -214,3 +219,26 @@ def test_runtime_support_states_what_the_loaders_do(base, checkpoint, tmp_path, 
                 "lokr": ("fails", "none"), "loha": ("fails", "none")}[net.type if lora_format == "lora_ab" else "lora-down_up"]
     assert (measured["diffusers"][1], measured["ltx_core"][1]) == expected
     assert predicted["comfyui"].status == "loads" and predicted["comfyui"].modules == len(trained)
+
+
+def test_alpha_keys_beside_lora_a_b(base, checkpoint, tmp_path, caplog):
+    """lora_A/lora_B with an .alpha ≠ rank (ComfyUI applies alpha/rank·B·A): diffusers refuses the .alpha keys,
+    ltx-core fuses B·A at scale 1, a different update, and says nothing."""
+    path, _, trained = trained_file(base, tmp_path, NetworkConfig(type="lora", rank=4, alpha=4.0, preset="av"))
+    tensors = load_file(str(path))
+    for key in [k for k in tensors if k.endswith(".lora_A.weight")]:
+        tensors[key.replace(".lora_A.weight", ".alpha")] = torch.tensor(8.0)
+    with_alpha = tmp_path / "with_alpha.safetensors"
+    save_file(tensors, str(with_alpha))
+    network = load_lora_file(base, with_alpha)  # our loader reads it as ComfyUI does
+    try:
+        with torch.no_grad():
+            prediction = base(inputs())
+    finally:
+        network.detach()
+    predicted = runtime_support(tensors, parse_lora(tensors))
+    with caplog.at_level(logging.WARNING):
+        measured = measured_support(base, checkpoint, with_alpha, prediction)
+    assert measured == {"diffusers": (0, "fails"), "ltx_core": (len(trained), "wrong")}
+    for runtime, (modules, status) in measured.items():
+        assert (predicted[runtime].modules, predicted[runtime].status) == (modules, status), runtime

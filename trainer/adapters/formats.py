@@ -286,11 +286,13 @@ def parse_lora(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None
             kind = detect_type(set(module))
         except ValueError:
             for key in keys_of[path]:
-                unconvertible[key] = "an alpha without the adapter's factors"
+                unconvertible[key] = "incomplete adapter: its first factor (lora_A / lora_down, lokr_w1, hada_w1_a) is missing"
             continue
         required = {"lora": (".lora_down.weight", ".lora_up.weight"), "dora": (".lora_down.weight", ".lora_up.weight"),
                     "lokr": (".lokr_w1",), "loha": (".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b")}[kind]
         absent = [s for s in required if s not in module]
+        if kind == "lokr" and ".lokr_w2" not in module and not {".lokr_w2_a", ".lokr_w2_b"} <= set(module):
+            absent.append(".lokr_w2 (or .lokr_w2_a and .lokr_w2_b)")
         if absent:
             for key in keys_of[path]:
                 unconvertible[key] = f"incomplete {kind}: {', '.join(absent)} missing"
