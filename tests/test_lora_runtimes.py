@@ -56,8 +56,8 @@ def perturbed_network(denoiser, net: NetworkConfig, seed: int = 1):
     return network
 
 
-def inputs():
-    return oracle_lib.make_inputs("2.0", TINY, torch.tensor([0.8, 0.35]), torch.tensor([0.2, 0.6]))
+def inputs(version: str = "2.0"):
+    return oracle_lib.make_inputs(version, TINY, torch.tensor([0.8, 0.35]), torch.tensor([0.2, 0.6]))
 
 
 @pytest.fixture(scope="module")
@@ -156,6 +156,30 @@ def test_ltx_core_loader_fuses_our_lora_like_training(base, checkpoint, tmp_path
         theirs = oracle_lib.ltx_core_forward(model, inputs())
     for mine, other in zip(ours, theirs):
         assert oracle_lib.relative_error(other, mine) < tolerance
+
+
+def test_both_loaders_on_ltx_23(tmp_path):
+    """LTX-2.3 (gated attention, cross-attention adaLN): the full preset (every Linear of the blocks but the gate
+    logits) through both loaders."""
+    base = bf16_base("2.3")
+    checkpoint = oracle_lib.write_checkpoint(base, tmp_path, TINY, dtype=torch.bfloat16)
+    network = perturbed_network(base, NetworkConfig(type="lora", rank=4, alpha=2.0, preset="full"))
+    try:
+        with torch.no_grad():
+            ours = base(inputs("2.3"))
+        path = save_network(network, tmp_path / "l23.safetensors", config_json="{}", base_fingerprint="fp", step=1,
+                            version="2.3", dtype="float32")
+        trained = {p for p, _ in network.named_layers()}
+    finally:
+        network.detach()
+    model, adapted = diffusers_load(base, path)
+    with torch.no_grad():
+        theirs = model(inputs("2.3"))
+    assert adapted == trained and all(oracle_lib.relative_error(o, m) < TOLERANCE for m, o in zip(ours, theirs))
+    model, fused, tolerance = ltx_core_load(checkpoint, path)
+    with torch.no_grad():
+        theirs = oracle_lib.ltx_core_forward(model, inputs("2.3"))
+    assert fused == trained and all(oracle_lib.relative_error(o, m) < tolerance for m, o in zip(ours, theirs))
 
 
 def test_strength_scales_alike_in_ltx_core_and_ours(base, checkpoint, tmp_path):
