@@ -47,8 +47,9 @@ _PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.")
 
 
 def save_network(network, path: str | Path, *, config_json: str, base_fingerprint: str, step: int, version: str,
-                 dtype: str = "bfloat16") -> Path:
-    """Write the network's tensors (ComfyUI keys) and the run's metadata atomically."""
+                 dtype: str = "bfloat16", extra_metadata: dict[str, str] | None = None) -> Path:
+    """Write the network's tensors (ComfyUI keys) and the run's metadata atomically. ``extra_metadata``: keys
+    other readers look for (the training mode's, e.g. ``reference_downscale_factor`` for ComfyUI's IC-LoRA nodes)."""
     path = Path(path)
     net = network.net_config
     metadata = {
@@ -61,6 +62,7 @@ def save_network(network, path: str | Path, *, config_json: str, base_fingerprin
         "ss_network_dim": str(net.rank),
         "ss_network_alpha": str(net.alpha),
         "modelspec.architecture": f"ltx-2{'.3' if version == '2.3' else ''}/{'lora' if net.type == 'lora' else 'lycoris-' + net.type}",
+        **(extra_metadata or {}),
     }
     save_safetensors_atomic(network.file_tensors(KEY_PREFIX, SAVE_DTYPES[dtype]), path, metadata=metadata)
     return path
