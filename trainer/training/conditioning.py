@@ -18,6 +18,7 @@ inference exactly what it was trained on (the token positions are ``backends/lay
   σ = 0 as ``LTXVAddGuide`` at frame 0 appends it; only the clip's own tokens are targets.
 - ``id``: ID-LoRA. The cached reference audio is prepended with σ = 0 at negative times
   (``DenoiserInput.audio_reference``), as ``LTXVReferenceAudio`` conditions it; only the clip's audio is a target.
+  Its items may come from audio sources too (an audio-only ID-LoRA): those batches get the stand-in as above.
 """
 
 from __future__ import annotations
@@ -43,9 +44,9 @@ class ConditionedInputs:
     train_video: bool  # False when the video is the audio-only stand-in (no video loss)
 
 
-def timestep_config(config: Config) -> TimestepConfig:
-    """The σ sampling of the mode: the audio-only mode draws one σ for the stand-in and the audio."""
-    if config.conditioning.mode == "audio":
+def timestep_config(config: Config, batch: Batch) -> TimestepConfig:
+    """The σ sampling of a batch: one σ for an audio-only batch's stand-in and its audio (as ComfyUI samples them)."""
+    if batch.audio_only:
         return dataclasses.replace(config.timesteps, independent_audio=False)
     return config.timesteps
 
@@ -95,7 +96,7 @@ def condition_inputs(batch: Batch, mode: str, clean_video: torch.Tensor, noisy_v
         video=noisy_video, audio=noisy_audio, sigma_video=sigma_video, sigma_audio=sigma_audio, text=text,
         fps=batch.fps, video_guide=guide, audio_reference=reference,
     )
-    return ConditionedInputs(inputs, video_mask, train_video=mode != "audio")
+    return ConditionedInputs(inputs, video_mask, train_video=not batch.audio_only)
 
 
 def check_samples(mode: str, samples: list[LatentSample], reference_downscale: int) -> list[str]:
@@ -105,6 +106,8 @@ def check_samples(mode: str, samples: list[LatentSample], reference_downscale: i
         return f"{len(items)} of {len(samples)} cached items (first: {items[0].id})"
 
     stand_ins = [s for s in samples if s.audio_only]
+    if mode == "id":
+        stand_ins = []  # an audio-only ID-LoRA is fine
     if mode == "audio":
         lacking = [s for s in samples if not s.audio_only]
         if lacking:
@@ -141,6 +144,12 @@ def check_samples(mode: str, samples: list[LatentSample], reference_downscale: i
         unused.append(f"the cache holds reference audio but conditioning.mode = {mode!r} does not use it (set it to "
                       "\"id\" to train with it)")
     return unused
+
+
+def trains_audio_only(mode: str, samples: list[LatentSample]) -> bool:
+    """Whether only the audio branch is adapted: every item is an audio source's (audio mode, or an audio-only
+    ID-LoRA); cross-modal layers would tie the voice to the stand-in video."""
+    return mode == "audio" or (bool(samples) and all(s.audio_only for s in samples))
 
 
 def lora_metadata(config: Config) -> dict[str, str]:
