@@ -19,6 +19,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from .check_nodes import SampleAV, VerifyLoRAKeys
 from .data_nodes import CacheLatents, DatasetDoctor, ExtractAudio, LoadDataset, PreviewCachedAudio
+from .lora_nodes import ApplyTrainedLoRA
 from .score_nodes import VoiceScore
 from .train_nodes import SaveLoRA, TrainingConfig, TrainLoRA
 
@@ -40,6 +41,7 @@ NODES: list[type[io.ComfyNode]] = [
     VerifyLoRAKeys,
     SampleAV,
     VoiceScore,
+    ApplyTrainedLoRA,
 ]
 
 
