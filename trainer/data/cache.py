@@ -32,7 +32,7 @@ from ..io_utils import atomic_write_json, remove_stale_temporaries, save_safeten
 from .audio_only import prepare_audio_only, standin_video_latent
 from .batches import LatentSample
 from .media.timing import prepare_item
-from .references import prepare_reference, prepare_reference_audio
+from .reference_media import prepare_reference, prepare_reference_audio
 
 CACHE_FORMAT = 1
 MANIFEST = "manifest.json"

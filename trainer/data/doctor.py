@@ -45,7 +45,7 @@ from .media.timing import (
     detect_fps,
     stretch_problem,
 )
-from .references import check_reference, check_reference_audio, missing_reference_problems
+from .reference_media import check_reference, check_reference_audio, missing_reference_problems
 
 Severity = Literal["error", "warning"]
 ProgressCallback = Callable[[int, int, str], None]  # (items done, items total, path being checked)
