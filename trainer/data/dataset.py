@@ -310,17 +310,11 @@ def _audio_index(source: DatasetSource, root: Path, problems: list[SourceProblem
     """stem -> audio files in ``audio_dir`` (several when the same stem exists with two extensions)."""
     if not source.audio_dir or source.kind in ("image", "audio"):
         return {}
-    given = Path(source.audio_dir).expanduser()
-    base = root if root.is_dir() else root.parent
-    candidates = [given] if given.is_absolute() else [base / given, Path.cwd() / given]
-    folder = next((c for c in candidates if c.is_dir()), None)
-    if folder is None:
-        raise DatasetError(f"audio_dir {source.audio_dir!r} is not a folder (looked in "
-                           f"{' and '.join(str(c) for c in candidates)}): fix the path or remove audio_dir")
-    index: dict[str, list[Path]] = {}
-    for path in sorted(folder.rglob("*")):
-        if path.is_file() and path.suffix.lower() in AUDIO_EXTENSIONS and not path.name.startswith("."):
-            index.setdefault(path.stem, []).append(path)
+    try:
+        folder = resolve_folder(source.audio_dir, root, "audio_dir")
+    except ReferenceFolderError as exc:
+        raise DatasetError(str(exc)) from None
+    index = stem_index(folder, AUDIO_EXTENSIONS)
     if not index:
         problems.append(SourceProblem("warning", f"{where}: audio_dir {folder} holds no audio files "
                                                  f"({', '.join(AUDIO_EXTENSIONS)})"))

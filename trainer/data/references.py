@@ -25,7 +25,7 @@ REFERENCE_AUDIO_EXTENSIONS = AUDIO_EXTENSIONS + VIDEO_EXTENSIONS
 
 
 class ReferenceFolderError(ValueError):
-    """A reference folder that cannot be used (the message names it and the fix)."""
+    """A folder option (a reference folder, ``audio_dir``) that is not a folder; the message names it and the fix."""
 
 
 def resolve_folder(given: str, root: Path, key: str) -> Path:
