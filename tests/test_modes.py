@@ -170,6 +170,12 @@ def test_audio_only_run_adapts_only_the_audio_branch_and_ic_writes_the_downscale
     with pytest.warns(UserWarning, match="audio-only run"):
         trainer = Trainer(config, build_denoiser(config.model), samples, tmp_path / "audio")
     assert trainer.network.paths and all(".audio_attn" in p or ".audio_ff." in p for p in trainer.network.paths.values())
+    from ltx2_av_trainer.trainer.evaluation.validation_sampling import fixed_sigma_losses
+    from ltx2_av_trainer.trainer.training.conditioning import generation_inputs
+
+    video_loss, audio_loss = fixed_sigma_losses(trainer, samples, 0.5, 0)
+    assert video_loss is None and audio_loss is not None  # the stand-in is never scored
+    assert generation_inputs(config, samples[0]) == {"latent_height": 2, "latent_width": 2}  # samples at 64x64
     result = trainer.run()
     with safe_open(str(result.lora_path), framework="pt") as fh:
         assert json.loads(fh.metadata()["ltx2_av_trainer.groups"]) == ["audio_attn", "audio_ff"]

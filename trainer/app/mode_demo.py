@@ -21,11 +21,11 @@ from pathlib import Path
 
 from ..adapters.files import METADATA_PREFIX, read_adapter_file
 from ..config import Config
-from ..data.audio_only import STANDIN_SIZE
 from ..data.cache import load_training_samples
 from ..data.synth import make_demo_dataset
 from ..data.synth_modes import make_audio_dataset, make_reference_folder
 from ..io_utils import atomic_write_json, read_jsonl
+from ..training.conditioning import generation_inputs
 from .console import ConsoleTraining
 from .pipeline import build_headless_denoiser, build_headless_encoders, cache_dataset, run_doctor_command, train_from_cache
 
@@ -71,18 +71,6 @@ def synthesise(out: Path, mode: str) -> list[str]:
     if mode == "ic":
         make_reference_folder(clips, out / "references")
     return [str(c) for c in clips]
-
-
-def sample_conditioning(mode: str, sample) -> tuple[dict, tuple[int, int] | None]:
-    """The sample request's conditioning from a cached item (what ComfyUI's node would feed at inference), and the
-    picture size when it is not the dataset's."""
-    if mode == "audio":
-        return {}, (STANDIN_SIZE, STANDIN_SIZE)
-    if mode == "i2v":
-        return {"first_frame": sample.video[None, :, :1]}, None
-    if mode == "ic":
-        return {"video_guide": sample.reference_video[None]}, None
-    return {"audio_reference": sample.reference_audio[None]}, None
 
 
 def mode_checks(mode: str, config: Config, lora_path: Path, metrics: list[dict], verify) -> dict[str, bool]:
@@ -141,10 +129,10 @@ def run_mode_demo(out: Path, mode: str, *, steps: int | None = None, version: st
     stage("verify", t0)
     t0 = time.monotonic()
     samples_cached, _ = load_training_samples(cache_dir_of(config), expect_audio=True)
-    conditioning, size = sample_conditioning(mode, samples_cached[0])
     network = load_lora_file(denoiser, result.lora_path)
     samples = sample_and_write(config, denoiser, encoders, None, f"{TRIGGER}, a person speaks in a quiet room",
-                               out / "samples", seed=1, steps=8, network=network, conditioning=conditioning, size=size)
+                               out / "samples", seed=1, steps=8, network=network,
+                               conditioning=generation_inputs(config, samples_cached[0]))
     stage("sample", t0)
 
     metrics = read_jsonl(result.run_dir / "metrics.jsonl")

@@ -90,28 +90,26 @@ def _preview_line(row: dict) -> str:
 
 @torch.no_grad()
 def sample_and_write(config, denoiser, encoders, lora: Path | None, prompt: str, out: Path, *, seed: int = 0, steps: int = 20,
-                     seconds: float | None = None, network=None, conditioning: dict | None = None,
-                     size: tuple[int, int] | None = None) -> dict:
+                     seconds: float | None = None, network=None, conditioning: dict | None = None) -> dict:
     """Generate with and without the LoRA (same seed, same prompt) and write mp4 (audio muxed) + wav.
-    ``conditioning``: the training mode's inputs (``SampleRequest.first_frame`` / ``video_guide`` /
-    ``audio_reference``); ``size``: (width, height) instead of the dataset's (the audio-only stand-in)."""
+    ``conditioning``: ``SampleRequest`` fields of the training mode (``training.conditioning.generation_inputs``:
+    first frame, reference, reference audio, or the audio-only stand-in's size)."""
     from ..adapters.network import load_lora_file
     from .generation import SampleRequest, sample_ab, sample_av
 
     d = config.dataset
-    width, height = size or (d.width, d.height)
     frames = d.frames if seconds is None else max(1, int(round(seconds * d.target_fps)) // 8 * 8 + 1)
-    request = SampleRequest(
+    fields = dict(
         text=encoders.encode_text([prompt]),
         latent_frames=(frames - 1) // 8 + 1,
-        latent_height=height // 32,
-        latent_width=width // 32,
+        latent_height=d.height // 32,
+        latent_width=d.width // 32,
         audio_frames=encoders.audio_latent_frames(int(round(frames / d.target_fps * 16000))),
         fps=d.target_fps,
         steps=steps,
         seed=seed,
-        **(conditioning or {}),
     )
+    request = SampleRequest(**{**fields, **(conditioning or {})})
     out = Path(out)
     if network is None and lora is not None:
         network = load_lora_file(denoiser, lora)

@@ -146,6 +146,22 @@ def check_samples(mode: str, samples: list[LatentSample], reference_downscale: i
     return unused
 
 
+def generation_inputs(config: Config, sample: LatentSample) -> dict:
+    """Fields of an ``evaluation.generation.SampleRequest`` that condition a sample like the mode's ComfyUI node,
+    taken from a cached item: its first latent frame (first-frame conditioning), its reference (ic), its reference
+    audio (id), or the stand-in's size (audio-only)."""
+    if sample.audio_only:
+        return {"latent_height": sample.video.shape[2], "latent_width": sample.video.shape[3]}
+    mode, fields = config.conditioning.mode, {}
+    if config.conditioning.first_frame_p > 0:
+        fields["first_frame"] = sample.video[None, :, :1]
+    if mode == "ic" and sample.reference_video is not None:
+        fields["video_guide"] = sample.reference_video[None]
+    if mode == "id" and sample.reference_audio is not None:
+        fields["audio_reference"] = sample.reference_audio[None]
+    return fields
+
+
 def trains_audio_only(mode: str, samples: list[LatentSample]) -> bool:
     """Whether only the audio branch is adapted: every item is an audio source's (audio mode, or an audio-only
     ID-LoRA); cross-modal layers would tie the voice to the stand-in video."""
