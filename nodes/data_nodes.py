@@ -66,8 +66,9 @@ class LoadDataset(io.ComfyNode):
             node_id="LTX2AV_LoadDataset",
             display_name="LTX2AV Load Dataset",
             category=CATEGORY_DATA,
-            description="A folder of clips (or images, or a JSONL list) with captions: the dataset to check, cache "
-                        "and train on. Relative paths are read from ComfyUI's input folder.",
+            description="A folder of clips (or images, audio files, or a JSONL list) with captions: the dataset to "
+                        "check, cache and train on, with the references of the IC-LoRA / ID-LoRA modes. Relative paths "
+                        "are read from ComfyUI's input folder.",
             inputs=[
                 io.String.Input("folder", default="", tooltip=field_help(src, "path") + " Relative paths start in ComfyUI's input folder."),
                 io.String.Input("trigger", default=defaults.trigger, tooltip=field_help(ds, "trigger")),
@@ -79,20 +80,38 @@ class LoadDataset(io.ComfyNode):
                 io.Int.Input("height", default=defaults.height, min=32, max=4096, step=32, tooltip=field_help(ds, "height")),
                 io.Boolean.Input("with_audio", default=defaults.with_audio, tooltip=field_help(ds, "with_audio")),
                 io.Float.Input("validation_split", default=0.0, min=0.0, max=0.99, step=0.01, tooltip=field_help(ds, "validation_split")),
-                io.Combo.Input("kind", options=["video", "image", "jsonl"], default="video", tooltip=field_help(src, "kind")),
+                io.Combo.Input("kind", options=["video", "image", "jsonl", "audio"], default="video", tooltip=field_help(src, "kind")),
                 io.Int.Input("repeats", default=1, min=1, max=10000, tooltip=field_help(src, "repeats")),
+                io.String.Input("reference_dir", default="", optional=True, advanced=True,
+                                tooltip=field_help(src, "reference_dir") + " Relative paths start next to the folder."),
+                io.Int.Input("reference_frames", default=defaults.reference_frames, min=1, max=1025, step=8, optional=True,
+                             advanced=True, tooltip=field_help(ds, "reference_frames")),
+                io.Int.Input("reference_downscale", default=defaults.reference_downscale, min=1, max=8, optional=True,
+                             advanced=True, tooltip=field_help(ds, "reference_downscale")),
+                io.String.Input("reference_audio_dir", default="", optional=True, advanced=True,
+                                tooltip=field_help(src, "reference_audio_dir") + " Relative paths start next to the folder."),
+                io.Boolean.Input("reference_audio_same_speaker", default=defaults.reference_audio_same_speaker,
+                                 optional=True, advanced=True, tooltip=field_help(ds, "reference_audio_same_speaker")),
+                io.Float.Input("reference_audio_seconds", default=defaults.reference_audio_seconds, min=0.5, max=60.0,
+                               step=0.1, optional=True, advanced=True, tooltip=field_help(ds, "reference_audio_seconds")),
             ],
             outputs=[DatasetType.Output("dataset", tooltip="The dataset settings (LTX2AV_DATASET).")],
         )
 
     @classmethod
     def execute(cls, folder: str, trigger: str, caption_extension: str, audio_dir: str, target_fps: float, frames: int,
-                width: int, height: int, with_audio: bool, validation_split: float, kind: str, repeats: int) -> io.NodeOutput:
+                width: int, height: int, with_audio: bool, validation_split: float, kind: str, repeats: int,
+                reference_dir: str = "", reference_frames: int = 1, reference_downscale: int = 1,
+                reference_audio_dir: str = "", reference_audio_same_speaker: bool = False,
+                reference_audio_seconds: float = 5.0) -> io.NodeOutput:
         source = {"path": str(resolve_input_path(folder, "folder")), "kind": kind,
-                  "caption_extension": caption_extension.strip(), "audio_dir": audio_dir.strip(), "repeats": repeats}
+                  "caption_extension": caption_extension.strip(), "audio_dir": audio_dir.strip(), "repeats": repeats,
+                  "reference_dir": reference_dir.strip(), "reference_audio_dir": reference_audio_dir.strip()}
         config = Config.from_dict({"dataset": {
             "sources": [source], "trigger": trigger.strip(), "target_fps": target_fps, "frames": frames, "width": width,
             "height": height, "with_audio": with_audio, "validation_split": validation_split,
+            "reference_frames": reference_frames, "reference_downscale": reference_downscale,
+            "reference_audio_seconds": reference_audio_seconds, "reference_audio_same_speaker": reference_audio_same_speaker,
         }})
         scan = scan_dataset(config.dataset)
         if scan.errors:

@@ -19,7 +19,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from .check_nodes import SampleAV, VerifyLoRAKeys
 from .data_nodes import CacheLatents, DatasetDoctor, ExtractAudio, LoadDataset, PreviewCachedAudio
-from .lora_nodes import ConvertLoRA, MergeLoRAs
+from .lora_nodes import ApplyTrainedLoRA, ConvertLoRA, MergeLoRAs
 from .score_nodes import VoiceScore
 from .train_nodes import SaveLoRA, TrainingConfig, TrainLoRA
 
@@ -43,6 +43,7 @@ NODES: list[type[io.ComfyNode]] = [
     VoiceScore,
     ConvertLoRA,
     MergeLoRAs,
+    ApplyTrainedLoRA,
 ]
 
 

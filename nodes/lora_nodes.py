@@ -1,5 +1,5 @@
-"""LoRA file nodes: Convert LoRA (any LTX-2 trainer's file into our key layout) and Merge LoRAs (two LoRAs into one,
-with weights per stream). Both read from ComfyUI's ``loras`` folder (or a Train LoRA output) and write into it;
+"""LoRA file nodes: Convert LoRA (any LTX-2 trainer's file into our key layout), Merge LoRAs (two LoRAs into one,
+with weights per stream) and Apply Trained LoRA (the run's LoRA on a MODEL for sampling with core nodes). Both read from ComfyUI's ``loras`` folder (or a Train LoRA output) and write into it;
 the work is ``trainer/adapters/formats.convert_lora`` and ``trainer/adapters/merge.merge_files``.
 """
 
@@ -17,7 +17,7 @@ from ..trainer.app.lora_cli import convert_file
 from ..trainer.backends.comfyui.denoiser import ltxav_diffusion_model
 from .check_nodes import NO_FILE, chosen_lora, lora_file_choices
 from .train_nodes import lora_target
-from .types import CATEGORY, LoRAType
+from .types import CATEGORY, CATEGORY_TRAIN, LoRAType, lora_payload
 
 CATEGORY_LORA = CATEGORY + "/lora"
 
@@ -149,3 +149,39 @@ class MergeLoRAs(io.ComfyNode):
                              max_error=max_error or None, on_module=progress)
         text = f"{report['summary']} → {report['file']}"
         return io.NodeOutput(lora_value(Path(report["file"])), text, ui={"text": [text]})
+
+
+class ApplyTrainedLoRA(io.ComfyNode):
+    """A workflow that trains and then samples cannot use ``LoraLoaderModelOnly`` for the LoRA it is about to train
+    (its file list is checked before the queue runs). This node does what that loader does on Train LoRA's output:
+    ``comfy.sd.load_lora_for_models`` on a clone of the MODEL, with the file's metadata attached, so ComfyUI's
+    ``GetICLoRAParameters`` reads ``reference_downscale_factor`` from it as from a loaded file. The MODEL is unchanged."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LTX2AV_ApplyTrainedLoRA",
+            display_name="LTX2AV Apply Trained LoRA",
+            category=CATEGORY_TRAIN,
+            description="The trained LoRA on the MODEL with ComfyUI's own LoRA loader (as Load LoRA does, metadata "
+                        "included), for sampling with ComfyUI's nodes in the same workflow.",
+            inputs=[
+                io.Model.Input("model", tooltip="The MODEL the LoRA was trained on."),
+                LoRAType.Input("lora", tooltip="From LTX2AV Train LoRA."),
+                io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01,
+                               tooltip="LoRA strength (1 = as trained), as in Load LoRA."),
+            ],
+            outputs=[io.Model.Output("model", tooltip="A clone of the MODEL with the LoRA applied.")],
+        )
+
+    @classmethod
+    def execute(cls, model, lora, strength: float) -> io.NodeOutput:
+        import comfy.sd
+        import comfy.utils
+
+        path = Path(lora_payload(lora)["path"])
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: the LoRA file of this run is missing; train again")
+        tensors, metadata = comfy.utils.load_torch_file(str(path), safe_load=True, return_metadata=True)
+        patched, _ = comfy.sd.load_lora_for_models(model, None, tensors, strength, 0.0, lora_metadata=metadata)
+        return io.NodeOutput(patched)

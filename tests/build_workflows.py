@@ -6,7 +6,7 @@ that widget order and defaults always match the nodes. Re-run it after changing 
     COMFYUI_PATH=/path/to/ComfyUI .venv/bin/python tests/build_workflows.py
 
 It starts ComfyUI on a free port with this pack linked in (see ``comfy_server.py``), reads ``/object_info``
-and writes the three workflows. Model file names and download links are those of ComfyUI's official LTX-2 /
+and writes the workflows (the training modes' four come from ``mode_workflows.py``). Model file names and download links are those of ComfyUI's official LTX-2 /
 LTX-2.3 templates (package comfyui-workflow-templates), so the frontend offers the same downloads.
 """
 
@@ -187,6 +187,9 @@ def build_all(object_info: dict) -> dict[str, dict]:
         "ltx23_av_character_lora.json": lambda name: character_lora(object_info, LTX23, name),
         "ltx2_voice_check.json": lambda name: voice_check(object_info, LTX2, name),
     }
+    from mode_workflows import mode_workflow_builders  # the training modes' workflows (audio, i2v, ic, id)
+
+    builders.update(mode_workflow_builders(object_info))
     return {name: build(name) for name, build in builders.items()}
 
 

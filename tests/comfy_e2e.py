@@ -41,6 +41,8 @@ CHECKPOINTS = {"2.0": "ltx-2-19b-dev-fp8.safetensors", "2.3": "ltx-2.3-22b-dev-f
 TEXT_ENCODER = "gemma_3_12B_it_fp4_mixed.safetensors"
 WORKFLOW_VERSION = {"ltx2_av_character_lora.json": "2.0", "ltx23_av_character_lora.json": "2.3",
                     "ltx2_voice_check.json": "2.0"}
+WORKFLOW_VERSION.update({"ltx2_audio_only_lora.json": "2.0", "ltx2_i2v_lora.json": "2.0", "ltx2_ic_lora.json": "2.0",
+                         "ltx2_id_lora.json": "2.0"})  # the training modes' workflows (tests/mode_workflows.py)
 
 NO_COMFYUI = "COMFYUI_PATH is not set: point it at a ComfyUI checkout to run the ComfyUI tier (make test-comfyui)"
 

@@ -45,7 +45,7 @@ SHIPPED = sorted(path.name for path in WORKFLOWS.glob("*.json"))
 NODE_IDS = {
     "LTX2AV_LoadDataset", "LTX2AV_DatasetDoctor", "LTX2AV_ExtractAudio", "LTX2AV_CacheLatents",
     "LTX2AV_PreviewCachedAudio", "LTX2AV_TrainingConfig", "LTX2AV_TrainLoRA", "LTX2AV_SaveLoRA",
-    "LTX2AV_VerifyLoRAKeys", "LTX2AV_SampleAV",
+    "LTX2AV_VerifyLoRAKeys", "LTX2AV_SampleAV", "LTX2AV_ApplyTrainedLoRA",
 }
 EVENT_KEYS = {"node", "step", "total", "loss_video", "loss_audio", "audio_weight", "step_time_s", "eta_s"}
 # LoRA modules a voice needs: both audio attentions and both cross-modal attentions.

@@ -28,10 +28,14 @@ TOTAL_STEPS = 4
 STEPS_PER_QUEUE = 2
 NODE_ID = "17"
 
+MODE_REFERENCE_INPUTS = ("reference_dir", "reference_frames", "reference_downscale", "reference_audio_dir",
+                         "reference_audio_same_speaker", "reference_audio_seconds")
 # The node contract (docs: nodes_contract): id → (inputs, outputs), names in order.
 CONTRACT = {
     "LTX2AV_LoadDataset": (["folder", "trigger", "caption_extension", "audio_dir", "target_fps", "frames", "width",
-                            "height", "with_audio", "validation_split", "kind", "repeats"], ["dataset"]),
+                            "height", "with_audio", "validation_split", "kind", "repeats",
+                            # The training modes' references (advanced, optional).
+                            *MODE_REFERENCE_INPUTS], ["dataset"]),
     "LTX2AV_DatasetDoctor": (["dataset", "strict", "listen_index"], ["report", "report_json", "audio"]),
     "LTX2AV_ExtractAudio": (["file", "audio_stream"], ["audio"]),
     "LTX2AV_CacheLatents": (["dataset", "model", "vae", "audio_vae", "clip", "cache_name", "decode_previews"],
@@ -51,12 +55,14 @@ CONTRACT = {
                            ["lora", "report"]),
     "LTX2AV_MergeLoRAs": (["lora_a_name", "lora_b_name", "a_audio", "a_video", "b_audio", "b_video", "method", "rank",
                            "filename", "a_other", "b_other", "lora_format", "max_error"], ["lora", "report"]),
+    # The training modes' workflows: the trained LoRA through ComfyUI's loader, for its core sampling nodes.
+    "LTX2AV_ApplyTrainedLoRA": (["model", "lora", "strength"], ["model"]),
 }
 OUTPUT_TYPES = {
     "dataset": "LTX2AV_DATASET", "cache": "LTX2AV_CACHE", "config": "LTX2AV_CONFIG", "lora": "LTX2AV_LORA",
     "audio": "AUDIO", "report": "STRING", "report_json": "STRING", "summary": "STRING", "loss_history": "STRING",
     "path": "STRING", "ok": "BOOLEAN", "video_lora": "IMAGE", "audio_lora": "AUDIO", "video_base": "IMAGE",
-    "audio_base": "AUDIO", "score": "FLOAT",
+    "audio_base": "AUDIO", "score": "FLOAT", "model": "MODEL",
 }
 EVENT_KEYS = {"node", "step", "total", "loss_video", "loss_audio", "audio_weight", "step_time_s", "eta_s"}
 
@@ -266,7 +272,8 @@ def test_schemas_follow_the_contract(comfy_home):
                         ("LTX2AV_SampleAV", "lora"), ("LTX2AV_SampleAV", "lora_name"), ("LTX2AV_TrainLoRA", "vae"),
                         ("LTX2AV_TrainLoRA", "audio_vae"), ("LTX2AV_TrainLoRA", "clip"), ("LTX2AV_VoiceScore", "cache"),
                         ("LTX2AV_VoiceScore", "reference_file"), ("LTX2AV_ConvertLoRA", "lora_name"),
-                        ("LTX2AV_ConvertLoRA", "lora"), ("LTX2AV_ConvertLoRA", "model")}
+                        ("LTX2AV_ConvertLoRA", "lora"), ("LTX2AV_ConvertLoRA", "model")} | {
+                            ("LTX2AV_LoadDataset", name) for name in MODE_REFERENCE_INPUTS}
     assert schemas["LTX2AV_TrainLoRA"].inputs[3].default == 100
 
 

@@ -47,7 +47,11 @@ def _sub_input_specs(option_inputs: dict) -> Iterator[tuple[str, list]]:
 
 def input_type(spec: list) -> str:
     kind = spec[0]
-    return "COMBO" if isinstance(kind, list) else kind
+    if isinstance(kind, list):
+        return "COMBO"
+    # A V3 multi-type input ("FLOAT,INT") shows the widget of its first type, named by "widgetType".
+    options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    return options.get("widgetType", kind) if "," in kind else kind
 
 
 def is_widget(spec: list) -> bool:
@@ -232,7 +236,11 @@ class WorkflowBuilder:
     groups: list[dict] = field(default_factory=list)
 
     def add(self, kind: str, pos: tuple[float, float], width: float = 320, title: str | None = None,
-            extra_height: float = 0, properties: dict | None = None, **values: Any) -> BuiltNode:
+            extra_height: float = 0, properties: dict | None = None, widgets: dict[str, Any] | None = None,
+            **values: Any) -> BuiltNode:
+        """``values``: inputs by name (widget values or links); ``widgets``: the same for inputs whose names are this
+        method's own arguments (``width``, ``title``, ``kind``, ...)."""
+        values = {**values, **(widgets or {})}
         if kind not in self.object_info:
             raise WorkflowFormatError(f"the server has no node type {kind!r}")
         info = self.object_info[kind]

@@ -40,7 +40,7 @@ class DatasetSource:
     """One folder (or JSONL list) of media with captions."""
 
     path: str = opt("", "Folder of clips (or images), or a .jsonl file of {media, caption, audio?} lines.")
-    kind: Literal["video", "image", "jsonl"] = opt("video", "What the path holds: video clips, images (1-frame, video-only items) or a JSONL list.")
+    kind: Literal["video", "image", "jsonl", "audio"] = opt("video", "What the path holds: video clips, images (1-frame, video-only items), a JSONL list, or audio for the audio-only mode (wav/flac/mp3/m4a/ogg files, and the sound of any video files among them).")
     caption_extension: str = opt(".txt", "Extension of the sidecar caption file next to each clip.")
     audio_dir: str = opt("", "Optional folder of separate audio files (wav/flac/...) matched to clips by file stem; they replace the clip's own sound.")
     audio_stream: int = opt(0, "Which audio stream of the container to use (0 = the first).")
@@ -49,6 +49,8 @@ class DatasetSource:
     audio_loss_weight: float = opt(1.0, "Multiplier of the audio loss for items of this source.")
     fps_override: float = opt(0.0, "Source frame rate to assume instead of the detected one (0 = detect).")
     is_validation: bool = opt(False, "Use this source for validation only (never trained on).")
+    reference_dir: str = opt("", "IC-LoRA (conditioning.mode = ic): folder of reference videos or images matched to clips by file stem (clip.mp4 ↔ clip.png or clip.mp4); relative paths as for audio_dir.")
+    reference_audio_dir: str = opt("", "ID-LoRA (conditioning.mode = id): folder of reference audio (wav/flac/mp3/m4a/ogg, or a video's sound) matched to clips by file stem: the same speaker saying something else.")
 
 
 @dataclass
@@ -67,6 +69,10 @@ class DatasetConfig:
     retime: Literal["resample", "stretch"] = opt("resample", "resample: pick frames by timestamp at target_fps, audio cut to the same span. stretch: keep every frame and play it at target_fps, audio time-stretched with pitch preserved.")
     validation_split: float = opt(0.0, "Fraction of items held out for validation (deterministic by file path).")
     with_audio: bool = opt(True, "Train audio too (audio+video LoRA). False = video-only run: audio and cross-modal modules are never adapted.")
+    reference_frames: int = opt(1, "IC-LoRA: frames of each reference (8n+1, at most frames); an image reference is repeated to this count. Encoded once into the cache as clean guide latents.")
+    reference_downscale: int = opt(1, "IC-LoRA: references are encoded at 1/this of the clip's width and height (1 = same size; the latent width and height must divide by it). Saved in the LoRA as reference_downscale_factor, which ComfyUI's Get IC-LoRA Parameters reads.")
+    reference_audio_seconds: float = opt(5.0, "ID-LoRA: seconds of reference audio used, from its start (about 5 s is what ComfyUI's LTXV Reference Audio node recommends). Shorter references are used whole; the doctor reports them.")
+    reference_audio_same_speaker: bool = opt(False, "ID-LoRA: a clip without a reference file of its own takes the sound of another clip of the same speaker: the next clip in the same folder (one folder per speaker).")
 
 
 @dataclass
@@ -348,6 +354,26 @@ class MemoryConfig:
     )
 
 
+@dataclass
+class ConditioningConfig:
+    """The training mode: what the model is conditioned on during training, laid out as ComfyUI's core inference
+    nodes lay it out (the references themselves are dataset options: they decide what the cache encodes)."""
+
+    mode: Literal["av", "audio", "ic", "id"] = opt(
+        "av",
+        "av: text to audio+video (or video-only with dataset.with_audio = false). audio: audio-only LoRA from audio "
+        "sources (kind = audio); only audio modules are adapted; generate with a 64x64 video stand-in (README). ic: "
+        "IC-LoRA / video-to-video: each clip's reference (dataset.sources[].reference_dir) is a clean guide, as "
+        "LTXVAddGuide + Get IC-LoRA Parameters add it at inference. id: ID-LoRA, voice from a reference clip "
+        "(reference_audio_dir or reference_audio_same_speaker), as LTXVReferenceAudio feeds it at inference.",
+    )
+    first_frame_p: float = opt(
+        0.0,
+        "Probability per clip of conditioning on its first latent frame (image-to-video): the frame is fed clean "
+        "with σ = 0 and left out of the loss, as LTXVImgToVideo conditions it at inference. 0 = off; any mode but audio.",
+    )
+
+
 def validate_memory(memory: MemoryConfig, model: ModelConfig) -> None:
     """Cross-field rules of ``[memory]`` (raises ``ConfigError`` naming the key and the fix); also checked by
     the diffusers backend, which is given the model and memory sections alone."""
@@ -388,6 +414,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
 
     # ---- construction -----------------------------------------------------------------------
 
@@ -456,6 +483,7 @@ class Config:
         _require(0.0 <= n.module_dropout < 1.0, "network.module_dropout", "must be in [0, 1)")
         _require(n.lokr_factor == -1 or n.lokr_factor >= 1, "network.lokr_factor", "must be -1 (automatic) or >= 1")
         self._validate_optimizer()
+        self._validate_conditioning()
         self._validate_audio()
         self._validate_preservation()
         validate_memory(self.memory, self.model)
@@ -496,6 +524,29 @@ class Config:
         _require(bool(self.output.name) and "/" not in self.output.name and "\\" not in self.output.name and ".." not in self.output.name,
                  "output.name", f"must be a plain file name without path separators, got {self.output.name!r}")
 
+
+    def _validate_conditioning(self) -> None:
+        d, c = self.dataset, self.conditioning
+        _require(0.0 <= c.first_frame_p <= 1.0, "conditioning.first_frame_p", "must be in [0, 1]")
+        _require(not (c.mode == "audio" and c.first_frame_p > 0), "conditioning.first_frame_p",
+                 "has no meaning in the audio-only mode (there is no video to condition on); set it to 0")
+        _require(not (c.mode == "audio" and not d.with_audio), "dataset.with_audio",
+                 "conditioning.mode = \"audio\" trains audio only: set dataset.with_audio = true")
+        _require(not (c.mode == "id" and not d.with_audio), "dataset.with_audio",
+                 "conditioning.mode = \"id\" trains the voice from reference audio: set dataset.with_audio = true")
+        _require(d.reference_frames >= 1 and (d.reference_frames - 1) % 8 == 0, "dataset.reference_frames",
+                 f"must be 8n+1 (1, 9, 17, ...), got {d.reference_frames}")
+        _require(d.reference_frames <= min([d.frames, *d.frame_buckets]), "dataset.reference_frames",
+                 f"{d.reference_frames} is more than the shortest clip's {min([d.frames, *d.frame_buckets])} frames; a "
+                 "reference may not be longer than the clip it guides")
+        _require(d.reference_downscale >= 1, "dataset.reference_downscale", "must be >= 1 (1 = references at the clip's size)")
+        for width, height in [(d.width, d.height), *d.resolution_buckets]:
+            _require((width // 32) % d.reference_downscale == 0 and (height // 32) % d.reference_downscale == 0,
+                     "dataset.reference_downscale",
+                     f"{d.reference_downscale} does not divide the latent size {width // 32}x{height // 32} of "
+                     f"{width}x{height} (ComfyUI's LTXVAddGuide refuses that); use sizes that are multiples of "
+                     f"{32 * d.reference_downscale} px")
+        _require(d.reference_audio_seconds > 0, "dataset.reference_audio_seconds", "must be > 0 (about 5 s is recommended)")
 
     def _validate_optimizer(self) -> None:
         o = self.optimizer

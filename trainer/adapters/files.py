@@ -25,8 +25,10 @@ __all__ = ["GROUPS", "METADATA_PREFIX", "SAVE_DTYPES", "module_group", "read_ada
 SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 def save_network(network, path: str | Path, *, config_json: str, base_fingerprint: str, step: int, version: str,
-                 dtype: str = "bfloat16", lora_format: str = "lora_ab") -> Path:
-    """Write the network's tensors (keys of ``lora_format``) and the run's metadata atomically."""
+                 dtype: str = "bfloat16", lora_format: str = "lora_ab", extra_metadata: dict[str, str] | None = None) -> Path:
+    """Write the network's tensors (keys of ``lora_format``) and the run's metadata atomically. ``extra_metadata``:
+    keys other readers look for (the training mode's, e.g. ``reference_downscale_factor`` for ComfyUI's IC-LoRA
+    nodes)."""
     path = Path(path)
     net = network.net_config
     folded = lora_format == "lora_ab" and net.type in ("lora", "dora")
@@ -42,6 +44,7 @@ def save_network(network, path: str | Path, *, config_json: str, base_fingerprin
         # With alpha/rank folded into lora_B the file applies at alpha = rank.
         "ss_network_alpha": str(net.rank if folded else net.alpha),
         "modelspec.architecture": f"ltx-2{'.3' if version == '2.3' else ''}/{'lora' if net.type == 'lora' else 'lycoris-' + net.type}",
+        **(extra_metadata or {}),
     }
     tensors = export_tensors(network.module_tensors(), lora_format, SAVE_DTYPES[dtype])
     save_safetensors_atomic(tensors, path, metadata=metadata)

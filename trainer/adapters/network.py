@@ -55,12 +55,14 @@ TARGET_PRESETS: dict[str, list[str]] = {
 NEVER_TARGET = re.compile(r"(^|\.)to_gate_logits$")
 # Modules that only matter when audio is trained: audio branch and both cross-modal attentions.
 AUDIO_OR_CROSS_MODAL = re.compile(r"(^|\.)(audio_attn1|audio_attn2|audio_ff|audio_to_video_attn|video_to_audio_attn)\.")
+# The audio branch alone (the audio-only mode): no cross-modal attention, which would attach to the stand-in video.
+AUDIO_BRANCH = re.compile(r"(^|\.)(audio_attn1|audio_attn2|audio_ff)\.")
 
 
 def select_targets(
-    module_paths: Iterable[str], net: NetworkConfig, *, with_audio: bool
+    module_paths: Iterable[str], net: NetworkConfig, *, with_audio: bool, audio_only: bool = False
 ) -> list[str]:
-    """Reference module paths to adapt, in model order."""
+    """Reference module paths to adapt, in model order. ``audio_only``: only the audio branch (audio-only mode)."""
     patterns = [re.compile(p) for p in TARGET_PRESETS[net.preset]]
     try:
         includes = [re.compile(p) for p in net.include]
@@ -68,7 +70,7 @@ def select_targets(
     except re.error as exc:
         raise ConfigError(f"network.include/exclude: invalid regular expression ({exc})") from None
     chosen = []
-    dropped_for_video_only = 0
+    dropped_for_video_only = dropped_for_audio_only = 0
     for path in module_paths:
         if NEVER_TARGET.search(path):
             continue
@@ -81,6 +83,10 @@ def select_targets(
             # degrade the base voice (ai-toolkit #1020): never adapt them in a video-only run.
             dropped_for_video_only += 1
             continue
+        if audio_only and not AUDIO_BRANCH.search(path):
+            # The video branch sees only the stand-in, and cross-modal layers would tie the voice to it.
+            dropped_for_audio_only += 1
+            continue
         chosen.append(path)
     if dropped_for_video_only:
         warnings.warn(
@@ -88,10 +94,17 @@ def select_targets(
             "adapted (they would drift without audio supervision and degrade the base voice)",
             stacklevel=2,
         )
+    if dropped_for_audio_only:
+        warnings.warn(
+            f"audio-only run: {dropped_for_audio_only} video/cross-modal modules of preset {net.preset!r} are not "
+            "adapted (only audio_attn1, audio_attn2 and audio_ff are)",
+            stacklevel=2,
+        )
     if not chosen:
         raise ConfigError(
             f"network: preset {net.preset!r} with include={net.include} exclude={net.exclude} selects no module"
             + ("" if with_audio else " in a video-only run (audio modules are never adapted without audio)")
+            + (" in an audio-only run (only audio_attn1, audio_attn2 and audio_ff are adapted)" if audio_only else "")
         )
     return chosen
 
@@ -208,11 +221,11 @@ def select_connector_targets(module_paths: Iterable[str], net: NetworkConfig) ->
     return chosen
 
 
-def build_lora(denoiser, net: NetworkConfig, *, with_audio: bool, connectors=None) -> LoRANetwork:
+def build_lora(denoiser, net: NetworkConfig, *, with_audio: bool, connectors=None, audio_only: bool = False) -> LoRANetwork:
     """The adapter network on the denoiser's targets (and the text connectors' when ``network.connectors``
-    is on; ``connectors`` is a ``ConnectorStack``), attached."""
+    is on; ``connectors`` is a ``ConnectorStack``), attached. ``audio_only``: the audio branch alone."""
     modules = dict(denoiser.adaptable_modules())
-    targets = select_targets(modules.keys(), net, with_audio=with_audio)
+    targets = select_targets(modules.keys(), net, with_audio=with_audio, audio_only=audio_only)
     pairs = [(p, modules[p]) for p in targets]
     if net.connectors != "off":
         if connectors is None:

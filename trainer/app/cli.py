@@ -39,6 +39,12 @@ def _write_json(path: str | None, payload: dict) -> None:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
+    if args.mode != "av":
+        from .mode_demo import run_mode_demo
+
+        report = run_mode_demo(Path(args.out), args.mode, steps=args.steps, version=args.version, quiet=args.quiet)
+        _write_json(args.json, report)
+        return 0 if report["ok"] else 1
     report = run_demo(Path(args.out), steps=args.steps, version=args.version, quiet=args.quiet)
     _write_json(args.json, report)
     return 0 if report["ok"] else 1
@@ -146,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (data/, cache/, run/, samples/, report.json)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's 400)")
     p.add_argument("--version", choices=["2.0", "2.3"], default="2.0", help="embedded tiny model version")
+    p.add_argument("--mode", choices=["av", "audio", "i2v", "ic", "id"], default="av",
+                   help="training mode: av (audio+video, the default), audio (audio-only), i2v (first-frame "
+                        "conditioning), ic (IC-LoRA with reference videos), id (ID-LoRA with reference audio); the "
+                        "modes other than av train 100 steps by default")
     common(p, config=False)
     p.set_defaults(func=cmd_demo)
 

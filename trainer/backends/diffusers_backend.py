@@ -27,6 +27,7 @@ from ..memory.attention import text_mask_for
 from ..memory.setup import MemoryPlan, apply_memory_options
 from .fingerprint import module_fingerprint
 from .interface import DenoiserInput
+from .layouts import guide_downscale, guide_positions, reference_audio_positions
 
 CROSS_MODAL_SIGMA_WIRINGS = ("reference", "own", "cross")
 
@@ -181,10 +182,12 @@ class DiffusersDenoiser:
         use_cross = self.cross_modal_sigma == "cross"
         if self.cross_modal_sigma == "reference":
             self._gate_override = {"a2v": audio_t_sample * self._gate_ratio, "v2a": video_t_sample * self._gate_ratio}
+        video_tokens, video_t, video_coords = self._with_guide(vx, video_t, inputs)
+        audio_tokens, audio_t, audio_coords = self._with_audio_reference(ax, audio_t, inputs)
         try:
             video_out, audio_out = self.transformer(
-                hidden_states=vx.flatten(2).transpose(1, 2),
-                audio_hidden_states=ax.permute(0, 2, 1, 3).flatten(2),
+                hidden_states=video_tokens,
+                audio_hidden_states=audio_tokens,
                 encoder_hidden_states=inputs.text.video,
                 audio_encoder_hidden_states=inputs.text.audio,
                 timestep=video_t,
@@ -200,17 +203,55 @@ class DiffusersDenoiser:
                 width=width,
                 fps=float(inputs.fps),
                 audio_num_frames=audio_frames,
+                video_coords=video_coords,
+                audio_coords=audio_coords,
                 isolate_modalities=not has_audio,
                 use_cross_timestep=use_cross,
                 return_dict=False,
             )
         finally:
             self._gate_override = {"a2v": None, "v2a": None}
+        # Guide and reference tokens are conditioning only: their outputs are dropped.
+        video_out = video_out[:, : frames * height * width]
+        audio_out = audio_out[:, audio_out.shape[1] - audio_frames :]
         video_velocity = video_out.transpose(1, 2).reshape(batch, -1, frames, height, width)
         if not has_audio:
             return video_velocity, None
         audio_velocity = audio_out.reshape(batch, audio_frames, 8, 16).permute(0, 2, 1, 3)
         return video_velocity, audio_velocity
+
+    def _with_guide(self, vx: torch.Tensor, video_t: torch.Tensor, inputs: DenoiserInput):
+        """(video tokens, timesteps, explicit positions or None): the IC-LoRA guide appended with σ = 0 at the
+        positions of ``layouts.guide_positions`` (times divided by the frame rate, as diffusers' own positions are)."""
+        tokens = vx.flatten(2).transpose(1, 2)
+        guide = inputs.video_guide
+        if guide is None:
+            return tokens, video_t, None
+        batch, _, frames, height, width = vx.shape
+        factor = guide_downscale(vx.shape, guide.shape)
+        guide_tokens = guide.to(vx.dtype).flatten(2).transpose(1, 2)
+        timesteps = torch.cat([_per_token(video_t, tokens.shape[1]), video_t.new_zeros(batch, guide_tokens.shape[1])], dim=1)
+        fps = float(inputs.fps)
+        own = self.transformer.rope.prepare_video_coords(batch, frames, height, width, vx.device, fps=fps)
+        guide_coords = guide_positions(*guide.shape[2:], factor, batch, device=vx.device)
+        guide_coords[:, 0] = guide_coords[:, 0] / fps
+        return torch.cat([tokens, guide_tokens], dim=1), timesteps, torch.cat([own, guide_coords.to(own.dtype)], dim=2)
+
+    def _with_audio_reference(self, ax: torch.Tensor, audio_t: torch.Tensor, inputs: DenoiserInput):
+        """(audio tokens, timesteps, explicit positions or None): the reference audio prepended with σ = 0 at the
+        negative times of ``layouts.reference_audio_positions``."""
+        tokens = ax.permute(0, 2, 1, 3).flatten(2)
+        reference = inputs.audio_reference
+        if reference is None:
+            return tokens, audio_t, None
+        if inputs.audio is None:
+            raise ValueError("audio_reference needs audio latents: reference audio conditions the audio branch")
+        batch, reference_frames = reference.shape[0], reference.shape[2]
+        reference_tokens = reference.to(ax.dtype).permute(0, 2, 1, 3).flatten(2)
+        timesteps = torch.cat([audio_t.new_zeros(batch, reference_frames), _per_token(audio_t, tokens.shape[1])], dim=1)
+        own = self.transformer.audio_rope.prepare_audio_coords(batch, tokens.shape[1], ax.device)
+        positions = reference_audio_positions(reference_frames, batch, device=ax.device).to(own.dtype)
+        return torch.cat([reference_tokens, tokens], dim=1), timesteps, torch.cat([positions, own], dim=2)
 
 
 class _GatePreHook:
@@ -231,6 +272,11 @@ def _per_sample(t: torch.Tensor) -> torch.Tensor:
     """[B] stays; per-token [B, N] → the sample's σ of its noisy part (max over tokens; conditioning
     tokens carry σ = 0)."""
     return t if t.ndim == 1 else t.amax(dim=1)
+
+
+def _per_token(t: torch.Tensor, tokens: int) -> torch.Tensor:
+    """[B] → [B, tokens]; per-token [B, tokens] stays."""
+    return t.view(-1, 1).expand(-1, tokens) if t.ndim == 1 else t
 
 
 def build_denoiser(model_cfg: ModelConfig, memory: MemoryConfig | None = None) -> DiffusersDenoiser:

@@ -47,7 +47,13 @@ class TextContext:
 @dataclass
 class DenoiserInput:
     """One denoiser call. ``audio`` is None for a batch without audio: the audio branch and both
-    cross-modal attentions are then switched off, so video is not conditioned on dummy audio."""
+    cross-modal attentions are then switched off, so video is not conditioned on dummy audio.
+
+    Optional in-context conditioning (``layouts.py`` places it as ComfyUI's inference nodes do; the velocities
+    returned cover ``video`` and ``audio`` only): ``video_guide`` holds clean IC-LoRA reference latents, appended
+    after the video tokens with σ = 0 (``LTXVAddGuide`` at frame 0; a guide with 1/f of the video's height and
+    width is a downscaled reference); ``audio_reference`` holds clean reference audio latents, prepended to the
+    audio tokens with σ = 0 at negative times (``LTXVReferenceAudio``)."""
 
     video: torch.Tensor  # [B, 128, F', H', W'] noisy video latents
     audio: torch.Tensor | None  # [B, 8, T, 16] noisy audio latents
@@ -55,6 +61,8 @@ class DenoiserInput:
     sigma_audio: torch.Tensor | None  # [B] or per token [B, T]
     text: TextContext
     fps: float
+    video_guide: torch.Tensor | None = None  # [B, 128, Fg, H'/f, W'/f] clean reference latents (IC-LoRA)
+    audio_reference: torch.Tensor | None = None  # [B, 8, Tr, 16] clean reference audio latents (ID-LoRA)
 
 
 @dataclass

@@ -33,13 +33,25 @@ class LatentSample:
     is_validation: bool = False
     # Pre-connector text features, only for connector training (network.connectors).
     text_features: TextFeatures | None = None
+    # Training modes (conditioning.mode): the IC-LoRA reference latent [128, Fg, H'/f, W'/f], the ID-LoRA
+    # reference audio latent [8, Tr, 16], and whether ``video`` is the audio-only mode's stand-in.
+    reference_video: torch.Tensor | None = None
+    reference_audio: torch.Tensor | None = None
+    audio_only: bool = False
 
     def bucket_key(self) -> tuple:
         # Audio and audio-free items always land in different buckets (audio_shape None vs a shape), so they
         # never share a batch.
         audio_shape = None if self.audio is None else tuple(self.audio.shape)
         features = None if self.text_features is None else (tuple(self.text_features.video.shape), tuple(self.text_features.audio.shape))
-        return (tuple(self.video.shape), audio_shape, tuple(self.text.video.shape), self.fps, features)
+        key = (tuple(self.video.shape), audio_shape, tuple(self.text.video.shape), self.fps, features)
+        if self.reference_video is not None or self.reference_audio is not None or self.audio_only:
+            key += (_shape(self.reference_video), _shape(self.reference_audio), self.audio_only)
+        return key
+
+
+def _shape(tensor: torch.Tensor | None) -> tuple | None:
+    return None if tensor is None else tuple(tensor.shape)
 
 
 @dataclass
@@ -53,6 +65,9 @@ class Batch:
     video_loss_weight: torch.Tensor  # [B]
     audio_loss_weight: torch.Tensor  # [B]
     text_features: TextFeatures | None = None
+    reference_video: torch.Tensor | None = None  # [B, 128, Fg, H'/f, W'/f]
+    reference_audio: torch.Tensor | None = None  # [B, 8, Tr, 16]
+    audio_only: bool = False
 
     @property
     def size(self) -> int:
@@ -82,6 +97,9 @@ def collate(samples: list[LatentSample]) -> Batch:
             torch.stack([s.text_features.audio for s in samples]),
             torch.stack([s.text_features.mask for s in samples]),
         ),
+        reference_video=None if samples[0].reference_video is None else torch.stack([s.reference_video for s in samples]),
+        reference_audio=None if samples[0].reference_audio is None else torch.stack([s.reference_audio for s in samples]),
+        audio_only=samples[0].audio_only,
     )
 
 

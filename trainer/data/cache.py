@@ -7,6 +7,11 @@ cache format), so a changed input re-encodes exactly the affected items. Before 
 is validated from its header and tensors (audio present whenever audio is expected, lengths
 consistent, finite values); an invalid entry is re-encoded, never used. Audio is encoded in fp32
 with the posterior mean. Writes are atomic. Training can run from the cache folder alone.
+
+The training modes add to an entry: an audio source's item stores the all-zero stand-in video latent
+(``audio_only.py``) instead of an encoded picture; an IC-LoRA reference (``reference_video_latent``) and
+ID-LoRA reference audio (``reference_audio_latent``) are encoded once with the item, and the reference
+file's bytes and settings are part of the entry's fingerprint.
 """
 
 from __future__ import annotations
@@ -24,8 +29,10 @@ from safetensors import safe_open
 from ..backends.interface import AUDIO_SAMPLE_RATE, TextContext
 from ..config import Config, ConfigError
 from ..io_utils import atomic_write_json, remove_stale_temporaries, save_safetensors_atomic
+from .audio_only import prepare_audio_only, standin_video_latent
 from .batches import LatentSample
 from .media.timing import prepare_item
+from .reference_media import prepare_reference, prepare_reference_audio
 
 CACHE_FORMAT = 1
 MANIFEST = "manifest.json"
@@ -49,6 +56,9 @@ class CacheEntry:
     repeats: int = 1
     is_validation: bool = False
     audio_problem: str | None = None  # why an item expected to have audio has none
+    audio_only: bool = False  # the video latent is the audio-only stand-in
+    reference_shape: list[int] | None = None  # IC-LoRA reference latent [128, Fg, H'/f, W'/f]
+    reference_audio_shape: list[int] | None = None  # ID-LoRA reference audio latent [8, Tr, 16]
 
 
 @dataclass
@@ -112,6 +122,10 @@ def validate_entry(cache_dir: str | Path, entry: CacheEntry, expect_audio: bool)
             required = {"video_latent", "text_video", "text_audio", "text_mask"}
             if expect_audio and entry.has_audio:
                 required |= {"audio_latent", "audio_valid_frames"}
+            references = {name: shape for name, shape in (("reference_video_latent", entry.reference_shape),
+                                                          ("reference_audio_latent", entry.reference_audio_shape))
+                          if shape is not None}
+            required |= set(references)
             missing = required - keys
             if missing:
                 problems.append(f"{path}: missing {', '.join(sorted(missing))}")
@@ -120,6 +134,11 @@ def validate_entry(cache_dir: str | Path, entry: CacheEntry, expect_audio: bool)
             if list(video.shape) != entry.video_shape:
                 problems.append(f"{path}: video latent shape {list(video.shape)} != manifest {entry.video_shape}")
             tensors = [video, fh.get_tensor("text_video"), fh.get_tensor("text_audio")]
+            for name, shape in references.items():
+                reference = fh.get_tensor(name)
+                if list(reference.shape) != shape:
+                    problems.append(f"{path}: {name} shape {list(reference.shape)} != manifest {shape}")
+                tensors.append(reference)
             if "audio_latent" in required:
                 audio = fh.get_tensor("audio_latent")
                 valid = int(fh.get_tensor("audio_valid_frames").item())
@@ -146,6 +165,8 @@ def load_entry(cache_dir: str | Path, entry: CacheEntry) -> LatentSample:
         features = None
         if "features_video" in fh.keys():
             features = TextFeatures(fh.get_tensor("features_video"), fh.get_tensor("features_audio"), fh.get_tensor("features_mask"))
+        reference = fh.get_tensor("reference_video_latent").float() if entry.reference_shape is not None else None
+        reference_audio = fh.get_tensor("reference_audio_latent") if entry.reference_audio_shape is not None else None
         return LatentSample(
             id=entry.id,
             video=fh.get_tensor("video_latent").float(),
@@ -159,6 +180,9 @@ def load_entry(cache_dir: str | Path, entry: CacheEntry) -> LatentSample:
             expects_audio=entry.has_audio or entry.audio_problem is not None,
             is_validation=entry.is_validation,
             text_features=features,
+            reference_video=reference,
+            reference_audio=reference_audio,
+            audio_only=entry.audio_only,
         )
 
 
@@ -192,15 +216,20 @@ class PreparedItem:
     """What the media layer hands the cache for one item (frames at the target fps and size, audio
     at 16 kHz stereo aligned to exactly those frames)."""
 
-    frames: torch.Tensor  # uint8 [F, H, W, 3]
+    frames: torch.Tensor | None  # uint8 [F, H, W, 3]; None for an audio source's item (its stand-in is cached)
     fps: float
     audio: torch.Tensor | None  # float32 [2, S] at 16 kHz
     audio_valid_samples: int
     audio_problem: str | None = None
+    audio_only_frames: int = 0  # an audio source's item: the clip length in pixel frames
 
 
 def prepare_for_cache(item, config: Config) -> PreparedItem:
     """Decode and time one dataset item with the media layer, as tensors for the encoders."""
+    if getattr(item, "is_audio_only", False):
+        sound = prepare_audio_only(item.media_path, config.dataset, audio_index=item.audio_stream)
+        return PreparedItem(frames=None, fps=sound.fps, audio=torch.from_numpy(np.ascontiguousarray(sound.audio)),
+                            audio_valid_samples=sound.valid_samples, audio_only_frames=sound.frames)
     clip = prepare_item(item, config.dataset, seed=config.train.seed)
     audio = None if clip.audio is None else torch.from_numpy(np.ascontiguousarray(clip.audio))
     # prepare_clip raises MediaError for audio that exists but cannot be decoded; None means no audio stream.
@@ -246,6 +275,7 @@ def build_cache(
                 "video_dtype": config.cache.video_dtype,
                 # Connector training needs the connectors' inputs cached too.
                 "text_features": config.network.connectors != "off",
+                **_mode_fingerprint(item, config),
             }
         )
         previous = old.get(item_id)
@@ -289,6 +319,23 @@ def build_cache(
     return summary
 
 
+def _mode_fingerprint(item, config: Config) -> dict:
+    """The training modes' parts of an entry's fingerprint: only present when used, so the entries of plain
+    datasets keep their fingerprints."""
+    d = config.dataset
+    parts: dict = {}
+    if getattr(item, "is_audio_only", False):
+        parts["audio_only"] = True
+    reference = getattr(item, "reference_path", None)
+    if reference is not None:
+        parts["reference"] = [content_hash(reference), d.reference_frames, d.reference_downscale]
+    reference_audio = getattr(item, "reference_audio_path", None)
+    if reference_audio is not None and d.with_audio:
+        parts["reference_audio"] = [content_hash(reference_audio), getattr(item, "reference_audio_stream", 0),
+                                    d.reference_audio_seconds]
+    return parts
+
+
 def _item_id(item) -> str:
     digest = hashlib.sha1(str(Path(item.media_path).resolve()).encode()).hexdigest()[:10]
     return f"{Path(item.media_path).stem}-{digest}"
@@ -317,9 +364,13 @@ def _text_with_features(encoders, caption: str):
 @torch.no_grad()
 def _encode_item(config, item, item_id, fingerprint, encoders, prepare, cache_dir, summary, warn) -> CacheEntry:
     prepared = prepare(item)
-    frames = prepared.frames.permute(3, 0, 1, 2).float().div(127.5).sub(1.0)[None]  # [1, 3, F, H, W] in [-1, 1]
-    video_latent = encoders.encode_video(frames)[0].to(VIDEO_DTYPES[config.cache.video_dtype]).cpu()
+    if prepared.frames is None:  # an audio source's item: the stand-in ComfyUI's audio generation path uses
+        video_latent = standin_video_latent(prepared.audio_only_frames).to(VIDEO_DTYPES[config.cache.video_dtype])
+    else:
+        frames = prepared.frames.permute(3, 0, 1, 2).float().div(127.5).sub(1.0)[None]  # [1, 3, F, H, W] in [-1, 1]
+        video_latent = encoders.encode_video(frames)[0].to(VIDEO_DTYPES[config.cache.video_dtype]).cpu()
     tensors = {"video_latent": video_latent}
+    tensors.update(_encode_references(config, item, prepared, encoders))
     if config.network.connectors != "off":
         features, text = _text_with_features(encoders, item.caption)
         # LTX-2.0 feeds both connectors the same tensor: store two copies (safetensors refuses shared memory).
@@ -355,4 +406,27 @@ def _encode_item(config, item, item_id, fingerprint, encoders, prepare, cache_di
         has_audio=has_audio, audio_valid_frames=valid_frames, fps=float(prepared.fps), video_shape=list(video_latent.shape),
         audio_shape=audio_shape, video_loss_weight=item.video_loss_weight, audio_loss_weight=item.audio_loss_weight,
         repeats=item.repeats, is_validation=item.is_validation, audio_problem=audio_problem if not has_audio else None,
+        audio_only=prepared.frames is None,
+        reference_shape=list(tensors["reference_video_latent"].shape) if "reference_video_latent" in tensors else None,
+        reference_audio_shape=list(tensors["reference_audio_latent"].shape) if "reference_audio_latent" in tensors else None,
     )
+
+
+def _encode_references(config: Config, item, prepared: PreparedItem, encoders) -> dict[str, torch.Tensor]:
+    """The item's IC-LoRA reference (sized to 1/reference_downscale of the clip) and ID-LoRA reference audio, encoded
+    with the same encoders as the clip. A reference that cannot be decoded fails the item (named with the reason)."""
+    tensors = {}
+    reference = getattr(item, "reference_path", None)
+    if reference is not None and prepared.frames is not None:
+        height, width = prepared.frames.shape[1:3]
+        frames = prepare_reference(reference, config.dataset, width, height, seed=config.train.seed)
+        pixels = torch.from_numpy(frames).permute(3, 0, 1, 2).float().div(127.5).sub(1.0)[None]
+        tensors["reference_video_latent"] = encoders.encode_video(pixels)[0].to(VIDEO_DTYPES[config.cache.video_dtype]).cpu()
+    reference_audio = getattr(item, "reference_audio_path", None)
+    if reference_audio is not None and config.dataset.with_audio:
+        waveform = prepare_reference_audio(reference_audio, config.dataset, getattr(item, "reference_audio_stream", 0))
+        latent = encoders.encode_audio(torch.from_numpy(waveform)[None].float())[0].float().cpu()
+        if not torch.isfinite(latent).all():
+            raise ValueError(f"reference audio {reference_audio}: the audio encoder produced non-finite values")
+        tensors["reference_audio_latent"] = latent
+    return tensors

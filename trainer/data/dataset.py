@@ -13,6 +13,12 @@ With ``audio_dir``, a separate audio file with the same stem (``clip.wav`` for `
 the container's sound. A relative ``audio_dir`` is looked up next to the source first, then from the
 working directory.
 
+- ``audio``: a folder of audio files (and videos, whose sound is used) for the audio-only mode; each
+  item is its sound alone (``is_audio_only``), captioned like a clip.
+
+The training modes' references (``reference_dir``, ``reference_audio_dir``, ``reference_audio_same_speaker``)
+are matched to items here too (``references.py``).
+
 Nothing here decodes media: problems found are about the listing itself (missing captions, bad
 encodings, ambiguous audio matches). ``doctor.py`` checks the files.
 """
@@ -28,6 +34,15 @@ from typing import Literal
 
 from ..config import DatasetConfig, DatasetSource
 from .media.probe import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
+from .references import (
+    REFERENCE_AUDIO_EXTENSIONS,
+    REFERENCE_EXTENSIONS,
+    ReferenceFolderError,
+    match_by_stem,
+    resolve_folder,
+    same_speaker_references,
+    stem_index,
+)
 
 
 class DatasetError(ValueError):
@@ -52,6 +67,10 @@ class DatasetItem:
     caption_has_trigger: bool = False  # whether the raw caption already names the trigger
     key: str = ""  # stable id: "<source index>:<path relative to the source>"
     problems: list[str] = field(default_factory=list)
+    is_audio_only: bool = False  # an audio source's item: its sound alone (audio-only mode)
+    reference_path: Path | None = None  # IC-LoRA reference video or image
+    reference_audio_path: Path | None = None  # ID-LoRA reference audio (a file, or another clip of the speaker)
+    reference_audio_stream: int = 0  # the audio stream of reference_audio_path
 
 
 @dataclass
@@ -141,9 +160,11 @@ def scan_dataset(config: DatasetConfig) -> DatasetScan:
             problems.append(SourceProblem("error", f"{where}: {exc}"))
             continue
         if not found:
-            wanted = {"video": "video files", "image": "images", "jsonl": "entries"}[source.kind]
+            wanted = {"video": "video files", "image": "images", "jsonl": "entries", "audio": "audio or video files"}[source.kind]
             problems.append(SourceProblem("error", f"{where}: no {wanted} found"))
         items.extend(found)
+    if config.reference_audio_same_speaker:
+        same_speaker_references(items)
     return DatasetScan(items, problems)
 
 
@@ -187,6 +208,10 @@ def _scan_source(
         if item.audio_path is not None:
             used_audio.add(item.audio_path)
         items.append(item)
+    try:
+        _attach_references(items, source, root, problems, where)
+    except ReferenceFolderError as exc:
+        raise DatasetError(str(exc)) from None
     unmatched = sorted(p for paths in audio_files.values() for p in paths if p not in used_audio)
     if unmatched:
         problems.append(SourceProblem("warning", f"{where}: {len(unmatched)} audio file(s) in audio_dir match no "
@@ -208,8 +233,8 @@ def _folder_entries(root: Path, source: DatasetSource, problems: list[SourceProb
                     audio_files_used: set[Path] | None = None) -> list[_Entry]:
     """Media files of a video/image folder. ``audio_files_used``: audio files that audio_dir pairs
     (others found among the media are reported as unused)."""
-    wanted = VIDEO_EXTENSIONS if source.kind == "video" else IMAGE_EXTENSIONS
-    other = IMAGE_EXTENSIONS if source.kind == "video" else VIDEO_EXTENSIONS
+    wanted = {"video": VIDEO_EXTENSIONS, "image": IMAGE_EXTENSIONS, "audio": AUDIO_EXTENSIONS + VIDEO_EXTENSIONS}[source.kind]
+    other = IMAGE_EXTENSIONS if source.kind in ("video", "audio") else VIDEO_EXTENSIONS
     entries, skipped, loose_audio = [], [], []
     for path in sorted(root.rglob("*")):
         relative = path.relative_to(root)
@@ -223,7 +248,7 @@ def _folder_entries(root: Path, source: DatasetSource, problems: list[SourceProb
         elif suffix in AUDIO_EXTENSIONS:
             loose_audio.append(path)
     if skipped:
-        other_kind = "image" if source.kind == "video" else "video"
+        other_kind = "image" if source.kind in ("video", "audio") else "video"
         problems.append(SourceProblem("warning", f"{where}: {len(skipped)} {other_kind} file(s) are ignored in a "
                                                  f"{source.kind} source (add a kind = \"{other_kind}\" source for "
                                                  f"them): {_first_names(skipped)}"))
@@ -283,19 +308,13 @@ def _jsonl_entries(path: Path, problems: list[SourceProblem]) -> list[_Entry]:
 
 def _audio_index(source: DatasetSource, root: Path, problems: list[SourceProblem], where: str) -> dict[str, list[Path]]:
     """stem -> audio files in ``audio_dir`` (several when the same stem exists with two extensions)."""
-    if not source.audio_dir or source.kind == "image":
+    if not source.audio_dir or source.kind in ("image", "audio"):
         return {}
-    given = Path(source.audio_dir).expanduser()
-    base = root if root.is_dir() else root.parent
-    candidates = [given] if given.is_absolute() else [base / given, Path.cwd() / given]
-    folder = next((c for c in candidates if c.is_dir()), None)
-    if folder is None:
-        raise DatasetError(f"audio_dir {source.audio_dir!r} is not a folder (looked in "
-                           f"{' and '.join(str(c) for c in candidates)}): fix the path or remove audio_dir")
-    index: dict[str, list[Path]] = {}
-    for path in sorted(folder.rglob("*")):
-        if path.is_file() and path.suffix.lower() in AUDIO_EXTENSIONS and not path.name.startswith("."):
-            index.setdefault(path.stem, []).append(path)
+    try:
+        folder = resolve_folder(source.audio_dir, root, "audio_dir")
+    except ReferenceFolderError as exc:
+        raise DatasetError(str(exc)) from None
+    index = stem_index(folder, AUDIO_EXTENSIONS)
     if not index:
         problems.append(SourceProblem("warning", f"{where}: audio_dir {folder} holds no audio files "
                                                  f"({', '.join(AUDIO_EXTENSIONS)})"))
@@ -307,6 +326,7 @@ def _make_item(
 ) -> DatasetItem:
     problems = list(entry.problems)
     is_image = source.kind == "image" or (source.kind == "jsonl" and entry.media.suffix.lower() in IMAGE_EXTENSIONS)
+    is_audio_only = source.kind == "audio" or (source.kind == "jsonl" and entry.media.suffix.lower() in AUDIO_EXTENSIONS)
 
     caption_path = None
     if entry.caption is not None:
@@ -320,7 +340,7 @@ def _make_item(
         problems.extend(caption_problems)
 
     audio_path = entry.audio
-    if audio_path is None and not is_image:
+    if audio_path is None and not is_image and not is_audio_only:
         matches = audio_files.get(entry.media.stem, [])
         if len(matches) > 1:
             problems.append(f"several audio files match {entry.media.name} in audio_dir "
@@ -349,4 +369,32 @@ def _make_item(
         caption_has_trigger=caption_has_trigger(raw, config.trigger),
         key=key,
         problems=problems,
+        is_audio_only=is_audio_only,
     )
+
+
+def _attach_references(items: list[DatasetItem], source: DatasetSource, root: Path, problems: list[SourceProblem],
+                       where: str) -> None:
+    """The source's references by file stem (``references.py``); references that match no item are reported."""
+    for key, what, extensions, field_name in (
+        ("reference_dir", "reference", REFERENCE_EXTENSIONS, "reference_path"),
+        ("reference_audio_dir", "reference audio", REFERENCE_AUDIO_EXTENSIONS, "reference_audio_path"),
+    ):
+        given = getattr(source, key)
+        if not given:
+            continue
+        folder = resolve_folder(given, root, f"{where}: {key}")
+        index = stem_index(folder, extensions)
+        used: set[Path] = set()
+        for item in items:
+            if item.is_image and field_name == "reference_audio_path":
+                continue
+            found, item_problems = match_by_stem(item.media_path, index, folder, what)
+            item.problems.extend(item_problems)
+            setattr(item, field_name, found)
+            if found is not None:
+                used.add(found)
+        unused = sorted(p.name for paths in index.values() for p in paths if p not in used)
+        if unused:
+            problems.append(SourceProblem("warning", f"{where}: {len(unused)} file(s) in {key} match no clip by name and "
+                                                     f"are not used: {_first_names(unused)}"))

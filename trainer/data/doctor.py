@@ -9,6 +9,11 @@ Errors make an item unusable (unreadable, truncated, empty, no video, no frames,
 smallest frame bucket, ...); warnings are worth fixing but the item still trains (no audio, silent,
 clipped, too quiet, audio shorter than the video, variable frame rate, caption problems, duplicates).
 ``DoctorEntry.ok`` is true when an item has no error.
+
+The training modes' inputs are checked too: an audio source's item by its sound alone (and long enough for
+the smallest frame bucket); references (``references.py``) present, decodable and long enough: an IC-LoRA
+reference gives ``reference_frames`` frames, ID-LoRA reference audio lasts ``reference_audio_seconds`` (a
+shorter one is a warning: it is used whole).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from typing import Any, Literal
 
 from ..config import DatasetConfig
 from ..io_utils import atomic_write_json
+from .audio_only import audio_only_frames
 from .dataset import DatasetItem, scan_dataset
 from .media import audio as audio_measures
 from .media.decode import count_decodable_frames, decode_audio
@@ -39,6 +45,7 @@ from .media.timing import (
     detect_fps,
     stretch_problem,
 )
+from .reference_media import check_reference, check_reference_audio, missing_reference_problems
 
 Severity = Literal["error", "warning"]
 ProgressCallback = Callable[[int, int, str], None]  # (items done, items total, path being checked)
@@ -96,6 +103,10 @@ class DoctorEntry:
     is_image: bool = False
     is_validation: bool = False
     content_sha256: str | None = None
+    is_audio_only: bool = False  # an audio source's item (audio-only mode)
+    reference: str | None = None  # IC-LoRA reference file
+    reference_audio: str | None = None  # ID-LoRA reference audio (a file, or another clip of the speaker)
+    reference_audio_seconds: float | None = None
 
     def add(self, severity: Severity, code: str, message: str) -> None:
         self.issues.append(Issue(severity, code, message))
@@ -214,10 +225,11 @@ def run_doctor(
 def diagnose_item(item: DatasetItem, dataset_cfg: DatasetConfig, spec: ClipSpec,
                   thresholds: DoctorThresholds) -> DoctorEntry:
     entry = DoctorEntry(path=str(item.media_path), caption=item.caption, caption_has_trigger=item.caption_has_trigger,
-                        is_image=item.is_image, is_validation=item.is_validation)
+                        is_image=item.is_image, is_validation=item.is_validation, is_audio_only=item.is_audio_only)
     for problem in item.problems:
         entry.add("warning", "dataset", problem)
     _check_trigger(entry, item, dataset_cfg)
+    _check_references(entry, item, dataset_cfg)
 
     try:
         info = probe_media(item.media_path)
@@ -228,6 +240,9 @@ def diagnose_item(item: DatasetItem, dataset_cfg: DatasetConfig, spec: ClipSpec,
     entry.container = info.container
     if info.truncated:
         entry.add("error", "truncated", f"the file is truncated: {info.truncated}. Re-export or re-download it")
+    if item.is_audio_only:
+        _check_audio_only(entry, item, info, spec, thresholds)
+        return entry
     if not _check_video(entry, item, info, spec, thresholds):
         return entry
     if not item.is_image and dataset_cfg.with_audio:
@@ -368,6 +383,39 @@ def _check_audio(entry: DoctorEntry, item: DatasetItem, info: MediaInfo, thresho
         entry.add("warning", "low_sample_rate",
                   f"the audio is sampled at {track.sample_rate} Hz; it is upsampled to {AUDIO_SAMPLE_RATE} Hz and has "
                   "no high frequencies. Use a higher-quality recording if you have one")
+
+
+def _check_audio_only(entry: DoctorEntry, item: DatasetItem, info: MediaInfo, spec: ClipSpec,
+                      thresholds: DoctorThresholds) -> None:
+    """An audio source's item: its sound is the clip (the picture of a video file is not used)."""
+    if not info.audio:
+        entry.add("error", "no_audio", "an audio source's item needs sound and this file has no audio stream: remove it "
+                                       "from the audio source")
+        return
+    _check_audio(entry, item, info, thresholds)
+    if entry.audio_seconds is None or not entry.has_audio:
+        return
+    entry.frame_bucket = audio_only_frames(entry.audio_seconds, spec)
+    if entry.frame_bucket is None:
+        smallest = min(spec.frame_buckets)
+        entry.add("error", "too_short",
+                  f"too short: the sound lasts {entry.audio_seconds:.2f} s but the shortest clip is {smallest} frames "
+                  f"({smallest / spec.target_fps:.2f} s). Use a longer recording or add a smaller 8n+1 frame bucket")
+
+
+def _check_references(entry: DoctorEntry, item: DatasetItem, dataset_cfg: DatasetConfig) -> None:
+    """The item's references: present when its source asks for them, decodable, long enough."""
+    problems = missing_reference_problems(item, dataset_cfg)
+    if item.reference_path is not None:
+        entry.reference = str(item.reference_path)
+        problems += check_reference(item.reference_path, dataset_cfg)
+    if item.reference_audio_path is not None and dataset_cfg.with_audio:
+        entry.reference_audio = str(item.reference_audio_path)
+        audio_problems, entry.reference_audio_seconds = check_reference_audio(
+            item.reference_audio_path, dataset_cfg, item.reference_audio_stream)
+        problems += audio_problems
+    for severity, code, message in problems:
+        entry.add(severity, code, message)
 
 
 def _check_alignment(entry: DoctorEntry, audio_start: float, audio_seconds: float, video_seconds: float,

@@ -90,14 +90,16 @@ def _preview_line(row: dict) -> str:
 
 @torch.no_grad()
 def sample_and_write(config, denoiser, encoders, lora: Path | None, prompt: str, out: Path, *, seed: int = 0, steps: int = 20,
-                     seconds: float | None = None, network=None) -> dict:
-    """Generate with and without the LoRA (same seed, same prompt) and write mp4 (audio muxed) + wav."""
+                     seconds: float | None = None, network=None, conditioning: dict | None = None) -> dict:
+    """Generate with and without the LoRA (same seed, same prompt) and write mp4 (audio muxed) + wav.
+    ``conditioning``: ``SampleRequest`` fields of the training mode (``training.conditioning.generation_inputs``:
+    first frame, reference, reference audio, or the audio-only stand-in's size)."""
     from ..adapters.network import load_lora_file
     from .generation import SampleRequest, sample_ab, sample_av
 
     d = config.dataset
     frames = d.frames if seconds is None else max(1, int(round(seconds * d.target_fps)) // 8 * 8 + 1)
-    request = SampleRequest(
+    fields = dict(
         text=encoders.encode_text([prompt]),
         latent_frames=(frames - 1) // 8 + 1,
         latent_height=d.height // 32,
@@ -107,6 +109,7 @@ def sample_and_write(config, denoiser, encoders, lora: Path | None, prompt: str,
         steps=steps,
         seed=seed,
     )
+    request = SampleRequest(**{**fields, **(conditioning or {})})
     out = Path(out)
     if network is None and lora is not None:
         network = load_lora_file(denoiser, lora)

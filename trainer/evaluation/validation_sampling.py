@@ -30,11 +30,11 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from ..backends.interface import DenoiserInput
-from ..data.batches import LatentSample
+from ..data.batches import LatentSample, collate
 from ..data.media.audio import resample
 from ..data.media.encode import write_av_file, write_wav
 from ..io_utils import append_jsonl, atomic_write_text, read_jsonl
+from ..training.conditioning import condition_inputs, generation_inputs
 from ..training.loop import TrainCallbacks
 from ..training.losses import audio_padding_mask, elementwise_loss, masked_per_sample_loss
 from ..training.timesteps import add_noise, velocity_target
@@ -267,7 +267,7 @@ class ValidationSampler(TrainCallbacks):
         frames = d.frames if self.seconds is None else max(1, int(round(self.seconds * d.target_fps)) // 8 * 8 + 1)
         if self._texts is None:
             self._texts = [self.encoders.encode_text([p]) for p in self.prompts]
-        return SampleRequest(
+        fields = dict(
             text=self._texts[index],
             latent_frames=(frames - 1) // 8 + 1,
             latent_height=d.height // 32,
@@ -277,6 +277,9 @@ class ValidationSampler(TrainCallbacks):
             steps=self.sample_steps,
             seed=self.seeds[index],
         )
+        # The training mode's conditioning (first frame, reference, stand-in size), from the first training item.
+        fields.update(generation_inputs(trainer.config, trainer.samples[0]))
+        return SampleRequest(**fields)
 
     def _generate(self, trainer, index: int, multiplier: float) -> _Decoded:
         trainer.network.set_multiplier(multiplier)
@@ -373,23 +376,22 @@ def fixed_sigma_losses(trainer, samples: Sequence[LatentSample], sigma: float, n
             noise_audio = torch.randn(audio.shape, generator=generator).to(device)
             noisy_audio = add_noise(audio, noise_audio, sigma_t)
         dtype = trainer.autocast_dtype or torch.float32
-        inputs = DenoiserInput(
-            video=add_noise(video, noise_video, sigma_t).to(dtype),
-            audio=None if noisy_audio is None else noisy_audio.to(dtype),
-            sigma_video=sigma_t,
-            sigma_audio=None if audio is None else sigma_t,
-            text=sample.text.select(None).to(device, dtype),
-            fps=sample.fps,
+        # The training mode's references, as in training.
+        conditioned = condition_inputs(
+            collate([sample]), config.conditioning.mode, video, add_noise(video, noise_video, sigma_t).to(dtype), sigma_t,
+            None if noisy_audio is None else noisy_audio.to(dtype), None if audio is None else sigma_t,
+            sample.text.select(None).to(device, dtype),
         )
         with torch.autocast(device.type, dtype=trainer.autocast_dtype, enabled=trainer.autocast_dtype is not None):
-            pred_video, pred_audio = trainer.denoiser(inputs)
-        video_elem = elementwise_loss(pred_video, velocity_target(video, noise_video), loss_cfg.type, loss_cfg.huber_delta)
-        video_losses.append(float(masked_per_sample_loss(video_elem, None)[0]))
+            pred_video, pred_audio = trainer.denoiser(conditioned.inputs)
+        if conditioned.train_video:  # never the audio-only stand-in
+            video_elem = elementwise_loss(pred_video, velocity_target(video, noise_video), loss_cfg.type, loss_cfg.huber_delta)
+            video_losses.append(float(masked_per_sample_loss(video_elem, None)[0]))
         if audio is not None:
             mask = audio_padding_mask(audio, torch.tensor([sample.audio_valid_frames]))
             audio_elem = elementwise_loss(pred_audio, velocity_target(audio, noise_audio), loss_cfg.type, loss_cfg.huber_delta)
             audio_losses.append(float(masked_per_sample_loss(audio_elem, mask)[0]))
-    return float(np.mean(video_losses)), (float(np.mean(audio_losses)) if audio_losses else None)
+    return (float(np.mean(video_losses)) if video_losses else None), (float(np.mean(audio_losses)) if audio_losses else None)
 
 
 @contextmanager

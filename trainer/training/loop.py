@@ -27,6 +27,14 @@ from ..config import Config, ConfigError
 from ..data.batch_sampler import AudioAwareBatchSampler
 from ..data.batches import Batch, LatentSample, collate, drop_captions, truncate_audio
 from ..io_utils import append_jsonl, atomic_write_text, read_jsonl, remove_stale_temporaries
+from .conditioning import (
+    check_samples,
+    condition_inputs,
+    draw_first_frame,
+    lora_metadata,
+    timestep_config,
+    trains_audio_only,
+)
 from .losses import AudioLossBalancer, audio_padding_mask, elementwise_loss, masked_per_sample_loss
 from .monitor import AudioSupervisionMonitor
 from .optim import build_optimizer, build_scheduler, enter_training, evaluation_weights, optimizer_warnings
@@ -44,7 +52,7 @@ class TrainingError(RuntimeError):
 
 @dataclass
 class StepLosses:
-    loss_video: torch.Tensor  # scalar, weighted per sample by the dataset weights
+    loss_video: torch.Tensor | None  # scalar, weighted per sample by the dataset weights; None: audio-only mode
     loss_audio: torch.Tensor | None  # real cached audio only
     sigma_video: torch.Tensor  # [B]
     sigma_audio: torch.Tensor | None  # σ of the real audio
@@ -59,7 +67,9 @@ def training_step(batch: Batch, denoiser, config: Config, generator: torch.Gener
     """Flow matching on both modalities with their own σ: x_σ = (1-σ)x0 + σε, target ε - x0.
 
     ``silence``: an audio-free batch gets the encoded silence as its audio target. ``connectors``: the text
-    context is computed from the batch's pre-connector features (connector training)."""
+    context is computed from the batch's pre-connector features (connector training). The training mode
+    (``conditioning``: first frame, IC-LoRA guide, ID-LoRA reference, audio-only stand-in) decides what else the
+    model sees and which tokens count in the loss."""
     loss_cfg = config.loss
     video = batch.video.to(device, torch.float32)
     real_audio = batch.audio is not None
@@ -70,7 +80,7 @@ def training_step(batch: Batch, denoiser, config: Config, generator: torch.Gener
     else:
         audio = None
     sigma_video, sigma_audio = sample_modality_sigmas(
-        config.timesteps, config.model.version, batch.size, video_token_count(video),
+        timestep_config(config, batch), config.model.version, batch.size, video_token_count(video),
         None if audio is None else audio_token_count(audio), generator,
     )
     noise_video = offset_noise(tuple(video.shape), loss_cfg.noise_offset, VIDEO_OFFSET_DIMS, generator).to(device)
@@ -85,21 +95,23 @@ def training_step(batch: Batch, denoiser, config: Config, generator: torch.Gener
         text = _batch_text(batch, device, dtype, connectors)
     if loss_cfg.caption_dropout or loss_cfg.caption_dropout_video or loss_cfg.caption_dropout_audio:
         text = drop_captions(text, loss_cfg.caption_dropout, loss_cfg.caption_dropout_video, loss_cfg.caption_dropout_audio, generator)
-    inputs = DenoiserInput(
-        video=noisy_video.to(dtype),
-        audio=None if noisy_audio is None else noisy_audio.to(dtype),
-        sigma_video=sigma_video.to(device),
-        sigma_audio=None if sigma_audio is None else sigma_audio.to(device),
-        text=text,
-        fps=batch.fps,
+    first_frame = draw_first_frame(config.conditioning.first_frame_p, batch.size, video.shape[2], generator)
+    conditioned = condition_inputs(
+        batch, config.conditioning.mode, video, noisy_video.to(dtype), sigma_video.to(device),
+        None if noisy_audio is None else noisy_audio.to(dtype), None if sigma_audio is None else sigma_audio.to(device),
+        text, first_frame,
     )
+    inputs = conditioned.inputs
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         pred_video, pred_audio = denoiser(inputs)
 
-    per_sample_video = masked_per_sample_loss(
-        elementwise_loss(pred_video, velocity_target(video, noise_video), loss_cfg.type, loss_cfg.huber_delta), None
-    )
-    loss_video = (per_sample_video * batch.video_loss_weight.to(device)).mean()
+    loss_video = None
+    if conditioned.train_video:
+        per_sample_video = masked_per_sample_loss(
+            elementwise_loss(pred_video, velocity_target(video, noise_video), loss_cfg.type, loss_cfg.huber_delta),
+            conditioned.video_loss_mask,
+        )
+        loss_video = (per_sample_video * batch.video_loss_weight.to(device)).mean()
     loss_audio = loss_silence = None
     if audio is not None:
         elem = elementwise_loss(pred_audio, velocity_target(audio, noise_audio), loss_cfg.type, loss_cfg.huber_delta)
@@ -196,6 +208,7 @@ class _StepTally:
     those with real audio)."""
 
     video: float = 0.0
+    video_batches: int = 0  # micro-batches with a video loss (none in the audio-only mode)
     audio: float = 0.0
     weighted_audio: float = 0.0
     sigma_video: float = 0.0
@@ -250,6 +263,9 @@ class Trainer:
         if config.dataset.with_audio and not self.with_audio:
             self._warn("dataset.with_audio is on but no sample has cached audio: this is a video-only run "
                        "(audio and cross-modal modules are left untouched). Check the cache report.")
+        for message in check_samples(config.conditioning.mode, samples + validation_samples,
+                                     config.dataset.reference_downscale):
+            self._warn(message)
         self.silence = require_silence(config, silence_audio_latent) if self.with_audio else None
         if config.audio.missing_audio != "skip" and not self.with_audio:
             self._warn(f"audio.missing_audio = {config.audio.missing_audio!r} does nothing in a video-only run (no audio "
@@ -259,7 +275,8 @@ class Trainer:
         # A backend whose host manages weight placement (ComfyUI's partial loading) places itself.
         place_on = getattr(denoiser, "place_on", None)
         place_on(self.device) if place_on is not None else denoiser.module.to(self.device)
-        self.network: LoRANetwork = build_lora(denoiser, config.network, with_audio=self.with_audio, connectors=self.connectors)
+        self.network: LoRANetwork = build_lora(denoiser, config.network, with_audio=self.with_audio, connectors=self.connectors,
+                                               audio_only=trains_audio_only(config.conditioning.mode, samples))
         self.network.to(self.device)
         self.optimizer = build_optimizer(self.network, config.optimizer, config.schedule, self.device)
         for message in optimizer_warnings(config.optimizer):
@@ -344,6 +361,8 @@ class Trainer:
             "seed": c.train.seed,
             "optimizer": [c.optimizer.name] + [g["name"] for g in self.optimizer.param_groups],
             "sampling": [c.audio.batch_probability, c.audio.min_batches_per_accum, c.train.gradient_accumulation],
+            # Only when a training mode is on, so the states of plain runs keep resuming.
+            **({"conditioning": c.conditioning.__dict__} if c.conditioning != type(c.conditioning)() else {}),
         }
 
     def _truncate_metrics(self, step: int) -> None:
@@ -374,7 +393,7 @@ class Trainer:
         with evaluation_weights(self.optimizer, list(self.network.parameters())):
             save_network(self.network, lora_path, config_json=cfg.to_json(), base_fingerprint=self.denoiser.fingerprint(),
                          step=self.step, version=cfg.model.version, dtype=cfg.output.save_dtype,
-                         lora_format=cfg.output.lora_format)
+                         lora_format=cfg.output.lora_format, extra_metadata=lora_metadata(cfg))
         self.last_lora, self.last_state = lora_path, state_path
         self.callbacks.on_checkpoint(self, lora_path, state_path)
         return lora_path, state_path
@@ -465,13 +484,14 @@ class Trainer:
             self._check_supervision(batch_samples, supervised=batch.audio is not None)
         losses = training_step(batch, self.denoiser, cfg, self.generator, self.device, self.autocast_dtype,
                                silence=self.silence if missing_audio == "silence" else None, connectors=self.connectors)
-        video_value = losses.loss_video.detach().item()
+        # No video loss in the audio-only mode: the balancer then keeps audio_weight.
+        video_value = None if losses.loss_video is None else losses.loss_video.detach().item()
         audio_value = None if losses.loss_audio is None else losses.loss_audio.detach().item()
-        if not math.isfinite(video_value) or (audio_value is not None and not math.isfinite(audio_value)):
+        if any(v is not None and not math.isfinite(v) for v in (video_value, audio_value)):
             self._skip_nonfinite(tally.ids, video_value, audio_value)
             return False
         weight = self.balancer.update(video_value, audio_value)
-        total = cfg.loss.video_weight * losses.loss_video
+        total = cfg.loss.video_weight * losses.loss_video if losses.loss_video is not None else torch.zeros((), device=self.device)
         if losses.loss_audio is not None:
             total = total + weight * losses.loss_audio
             tally.audio += audio_value
@@ -492,7 +512,9 @@ class Trainer:
         if not self._record_extras(terms, tally.extras, tally.ids):
             return False
         tally.extra_objective += sum(w * v.detach().item() for _, v, w in terms)
-        tally.video += video_value
+        if video_value is not None:
+            tally.video += video_value
+            tally.video_batches += 1
         tally.sigma_video += losses.sigma_video.mean().item()
         tally.batches += 1
         self._backward(total / accum)
@@ -541,7 +563,7 @@ class Trainer:
     def _step_metrics(self, tally: "_StepTally", grad_norm: torch.Tensor, step_time: float) -> dict:
         """The metrics.jsonl row of the step just taken."""
         n, an = tally.batches, tally.audio_batches
-        loss_video = tally.video / n
+        loss_video = tally.video / tally.video_batches if tally.video_batches else None
         loss_audio = tally.audio / an if an else None
         weighted_audio = tally.weighted_audio / an if an else None
         self._last_losses = (loss_video, loss_audio)
@@ -549,7 +571,7 @@ class Trainer:
         regularizer_values = extras.get("silence", []) + extras.get("audio_dop", [])
         return {
             "step": self.step,
-            "loss": self.config.loss.video_weight * loss_video + (weighted_audio or 0.0) + tally.extra_objective / n,
+            "loss": self.config.loss.video_weight * (loss_video or 0.0) + (weighted_audio or 0.0) + tally.extra_objective / n,
             "loss_video": loss_video,
             "loss_audio": loss_audio,
             "loss_audio_weighted": weighted_audio,
@@ -628,8 +650,9 @@ def format_log_line(metrics: dict, total_steps: int) -> str:
         if metrics.get("regularizer"):
             audio_part += f" ({metrics['regularizer']} regulariser {metrics['loss_regularizer']:.5f})"
     else:
+        video = "none (audio-only)" if metrics["loss_video"] is None else f"{metrics['loss_video']:.5f}"
         audio_part = (f"[audio] raw={audio:.5f}, weighted={metrics['loss_audio_weighted']:.5f}, "
-                      f"video={metrics['loss_video']:.5f}, weight={metrics['audio_weight']:.3f}")
+                      f"video={video}, weight={metrics['audio_weight']:.3f}")
     line = (f"step {metrics['step']}/{total_steps} {audio_part} | σ_v={metrics['sigma_video']:.3f}"
             + (f" σ_a={metrics['sigma_audio']:.3f}" if metrics['sigma_audio'] is not None else "")
             + f" lr={metrics['lr']:.2e} ({metrics['step_time_s']:.2f} s/step)")
@@ -637,6 +660,8 @@ def format_log_line(metrics: dict, total_steps: int) -> str:
         line += f" | val video={metrics['val_loss_video']:.5f}"
         if metrics.get("val_loss_audio") is not None:
             line += f" audio={metrics['val_loss_audio']:.5f}"
+    elif metrics.get("val_loss_audio") is not None:  # audio-only mode
+        line += f" | val audio={metrics['val_loss_audio']:.5f}"
     return line
 
 

@@ -14,16 +14,16 @@ from dataclasses import dataclass
 
 import torch
 
-from ..backends.interface import DenoiserInput
 from ..config import Config
 from ..data.batches import LatentSample, collate
+from .conditioning import condition_inputs
 from .losses import audio_padding_mask, elementwise_loss, masked_per_sample_loss
 from .timesteps import add_noise, velocity_target
 
 
 @dataclass
 class ValidationLosses:
-    loss_video: float
+    loss_video: float | None  # None in the audio-only mode (the stand-in video is no target)
     loss_audio: float | None  # None when no validation item has audio
     items: int
 
@@ -36,7 +36,7 @@ def validation_losses(samples: list[LatentSample], denoiser, network, config: Co
     cfg, loss_cfg = config.validation, config.loss
     was_training = network.training
     network.eval()
-    video_total, audio_total, audio_count = 0.0, 0.0, 0
+    video_total, video_count, audio_total, audio_count = 0.0, 0, 0.0, 0
     try:
         for item, sample in enumerate(samples):
             batch = collate([sample])
@@ -49,15 +49,18 @@ def validation_losses(samples: list[LatentSample], denoiser, network, config: Co
                 noise_video = torch.randn(video.shape, generator=generator).to(device)
                 noise_audio = None if audio is None else torch.randn(audio.shape, generator=generator).to(device)
                 dtype = autocast_dtype or torch.float32
-                inputs = DenoiserInput(
-                    video=add_noise(video, noise_video, sigma).to(dtype),
-                    audio=None if audio is None else add_noise(audio, noise_audio, sigma).to(dtype),
-                    sigma_video=sigma, sigma_audio=None if audio is None else sigma, text=text, fps=batch.fps,
+                # The training mode's references, as in training (never the random first-frame conditioning).
+                conditioned = condition_inputs(
+                    batch, config.conditioning.mode, video, add_noise(video, noise_video, sigma).to(dtype), sigma,
+                    None if audio is None else add_noise(audio, noise_audio, sigma).to(dtype),
+                    None if audio is None else sigma, text,
                 )
                 with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    pred_video, pred_audio = denoiser(inputs)
-                video_total += float(masked_per_sample_loss(
-                    elementwise_loss(pred_video, velocity_target(video, noise_video), loss_cfg.type, loss_cfg.huber_delta), None).mean())
+                    pred_video, pred_audio = denoiser(conditioned.inputs)
+                if conditioned.train_video:
+                    video_total += float(masked_per_sample_loss(
+                        elementwise_loss(pred_video, velocity_target(video, noise_video), loss_cfg.type, loss_cfg.huber_delta), None).mean())
+                    video_count += 1
                 if audio is not None:
                     mask = audio_padding_mask(audio, batch.audio_valid_frames)
                     audio_total += float(masked_per_sample_loss(
@@ -65,5 +68,5 @@ def validation_losses(samples: list[LatentSample], denoiser, network, config: Co
                     audio_count += 1
     finally:
         network.train(was_training)
-    runs = len(samples) * len(cfg.sigmas)
-    return ValidationLosses(video_total / runs, audio_total / audio_count if audio_count else None, len(samples))
+    return ValidationLosses(video_total / video_count if video_count else None,
+                            audio_total / audio_count if audio_count else None, len(samples))

@@ -86,6 +86,7 @@ from ..interface import (
     DenoiserInput,
     TextContext,
 )
+from ..layouts import dilate_guide, guide_downscale, guide_positions
 from .env import comfy_training_mode, import_model_management
 from .memory import is_comfy_linear
 
@@ -297,19 +298,33 @@ class ComfyDenoiser:
         context = torch.cat([text.video, text.audio], dim=-1).to(device=device, dtype=dtype)
         mask = None if bool((text.mask != 0).all()) else (text.mask != 0).to(device=device, dtype=torch.long)
         kwargs: dict[str, Any] = dict(attention_mask=mask, frame_rate=float(inputs.fps))
-        denoise_mask = _spatial_sigma_mask(v_t, vx.shape)
-        if denoise_mask is not None:
-            kwargs["denoise_mask"] = denoise_mask
+        video_frames = vx.shape[2]
+        v_seen = v_t  # the video timesteps of the tokens the model sees (for the cross-modal σ hooks)
+        if inputs.video_guide is not None:
+            guide = inputs.video_guide.index_select(0, index).to(device=device, dtype=dtype)
+            vx, v_t, v_seen, guide_kwargs = _append_guide(vx, v_t, guide)
+            kwargs.update(guide_kwargs)
+        else:
+            denoise_mask = _spatial_sigma_mask(v_t, vx.shape)
+            if denoise_mask is not None:
+                kwargs["denoise_mask"] = denoise_mask
 
         if inputs.audio is None:
             # ComfyUI adds an empty audio stream; its timestep only needs a shape that broadcasts over zero
             # tokens (a per-token video σ would not).
             x: list[torch.Tensor] = [vx]
             timestep: Any = (v_t, _per_sample(v_t))
-            a_t = None
+            a_t = a_seen = None
         else:
             ax = inputs.audio.index_select(0, index).to(device=device, dtype=dtype)
             a_t = inputs.sigma_audio.index_select(0, index).to(device=device, dtype=torch.float32)
+            a_seen = a_t
+            if inputs.audio_reference is not None:
+                # LTXVReferenceAudio's conditioning: ComfyUI prepends these tokens with σ = 0 at negative times
+                # and strips them from the output itself.
+                reference = inputs.audio_reference.index_select(0, index).to(device=device, dtype=dtype)
+                kwargs["ref_audio"] = {"tokens": reference.permute(0, 2, 1, 3).flatten(2)}
+                a_seen = torch.cat([a_t.new_zeros(a_t.shape[0], reference.shape[2]), _per_token(a_t, ax.shape[2])], dim=1)
             x = [vx, ax]
             timestep = (v_t, a_t)
 
@@ -318,7 +333,7 @@ class ComfyDenoiser:
             with contextlib.ExitStack() as stack:
                 if training:
                     stack.enter_context(_grad_safe_forward())
-                stack.enter_context(_cross_modal_sigma_hooks(self.diffusion_model, self.cross_modal_sigma, v_t, a_t))
+                stack.enter_context(_cross_modal_sigma_hooks(self.diffusion_model, self.cross_modal_sigma, v_seen, a_seen))
                 out = self.diffusion_model(list(streams), timestep, context, transformer_options=options, **kwargs)
             return tuple(out) if isinstance(out, (list, tuple)) else (out,)
 
@@ -326,7 +341,8 @@ class ComfyDenoiser:
             out = checkpoint(run, *x, use_reentrant=False)
         else:
             out = run(*x)
-        return out[0], (out[1] if inputs.audio is not None else None)
+        # Guide frames are conditioning only: their outputs are dropped.
+        return out[0][:, :, :video_frames], (out[1] if inputs.audio is not None else None)
 
     def _transformer_options(self, training: bool) -> dict:
         """The MODEL's transformer options (other patches stay active), plus per-block checkpointing."""
@@ -482,6 +498,16 @@ def _validate(inputs: DenoiserInput, widths: tuple[int, int]) -> int:
         if inputs.sigma_audio is None:
             raise ValueError("sigma_audio is None but audio latents were given; pass σ_a ([B] or per token [B, T])")
         _check_sigma("sigma_audio", inputs.sigma_audio, batch, ax.shape[2])
+    guide, reference = inputs.video_guide, inputs.audio_reference
+    if guide is not None:
+        if guide.ndim != 5 or guide.shape[0] != batch or guide.shape[1] != VIDEO_LATENT_CHANNELS:
+            raise ValueError(f"video_guide must be [{batch}, {VIDEO_LATENT_CHANNELS}, Fg, H'/f, W'/f], got {tuple(guide.shape)}")
+        guide_downscale(vx.shape, guide.shape)
+    if reference is not None:
+        if ax is None:
+            raise ValueError("audio_reference needs audio latents: reference audio conditions the audio branch")
+        if reference.ndim != 4 or reference.shape[0] != batch or reference.shape[1] != AUDIO_LATENT_CHANNELS or reference.shape[3] != AUDIO_LATENT_MEL_BINS:
+            raise ValueError(f"audio_reference must be [{batch}, {AUDIO_LATENT_CHANNELS}, Tr, {AUDIO_LATENT_MEL_BINS}], got {tuple(reference.shape)}")
     text = inputs.text
     if text.video.shape[0] != batch or text.audio.shape[0] != batch or text.mask.shape[0] != batch:
         raise ValueError(f"text context batch ({text.video.shape[0]}) differs from the latent batch ({batch})")
@@ -514,6 +540,32 @@ def _groups_with_equal_sigma(sigma_video: torch.Tensor, sigma_audio: torch.Tenso
         else:
             groups.append([sample])
     return groups
+
+
+def _append_guide(vx: torch.Tensor, v_t: torch.Tensor, guide: torch.Tensor):
+    """The video stream with the IC-LoRA guide appended as ``LTXVAddGuide`` (frame 0) appends it.
+
+    Returns (video with the guide's frames spread over the video grid, per-token σ over all of it, the σ of the
+    tokens the model keeps, the ``denoise_mask`` / ``keyframe_idxs`` arguments). The mask is the σ grid with -1
+    on the cells between a downscaled guide's tokens, which ComfyUI drops from the sequence (it keeps cells >= 0);
+    ``keyframe_idxs`` are the guide's positions over the whole spread grid (``layouts.guide_positions``)."""
+    batch, _, frames, height, width = vx.shape
+    factor = guide_downscale(vx.shape, guide.shape)
+    spread, keep = dilate_guide(guide, factor)
+    target_tokens = frames * height * width
+    sigma = torch.cat([_per_token(v_t, target_tokens), v_t.new_zeros(batch, keep[0].numel())], dim=1)
+    mask = sigma.reshape(batch, 1, frames + guide.shape[2], height, width).clone()
+    guide_cells = mask[:, :, frames:]
+    guide_cells[~keep] = -1.0
+    kept = torch.cat([torch.ones(target_tokens, dtype=torch.bool, device=vx.device), keep[0].flatten()])
+    positions = guide_positions(*guide.shape[2:], factor, batch, dilated=True, device=vx.device)
+    return (torch.cat([vx, spread], dim=2), sigma, sigma[:, kept],
+            {"denoise_mask": mask, "keyframe_idxs": positions.to(vx.dtype)})
+
+
+def _per_token(t: torch.Tensor, tokens: int) -> torch.Tensor:
+    """[B] → [B, tokens]; per-token [B, tokens] stays."""
+    return t.view(-1, 1).expand(-1, tokens) if t.ndim == 1 else t
 
 
 def _spatial_sigma_mask(v_t: torch.Tensor, video_shape: torch.Size) -> torch.Tensor | None:
