@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import resource
 import sys
 import time
 from dataclasses import dataclass, field
@@ -649,10 +648,15 @@ def _resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _peak_memory_bytes(device: torch.device) -> int:
+def _peak_memory_bytes(device: torch.device) -> int | None:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    # CPU: the process' peak resident set (ru_maxrss is in KiB on Linux, bytes on macOS).
+    # CPU: the process' peak resident set (ru_maxrss is in KiB on Linux, bytes on macOS). The resource module is
+    # Unix-only: on Windows the figure is unknown (null in metrics.jsonl) and the node pack still imports.
+    try:
+        import resource
+    except ImportError:
+        return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
