@@ -65,9 +65,19 @@ def cmd_cache(args) -> int:
 def cmd_train(args) -> int:
     from .pipeline import run_train_command
 
+    if args.resume and args.no_resume:
+        raise UserError("--resume and --no-resume contradict each other: give one of them")
     config = _load_config(args)
     report = run_train_command(config, resume=args.resume, no_resume=args.no_resume, quiet=args.quiet)
     _write_json(args.json, report)
+    if report.get("stopped_by"):
+        from ..training.stopping import exit_code_for
+
+        state = report["files"]["state"]
+        saved = f"resumable state saved in {state}" if state else "nothing trained yet, nothing saved"
+        print(f"stopped by {report['stopped_by']} after step {report['steps']}: {saved}; run the same command again "
+              "to continue", file=sys.stderr)
+        return exit_code_for(report["stopped_by"])
     return 0
 
 
@@ -217,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: resumable state was saved; run the same command again to continue", file=sys.stderr)
+        # train and cache stop on Ctrl-C themselves and say what they kept; this is any other moment.
+        print("interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # last resort: still one clear line, the traceback only on request
         if _is_reported_error(exc):
