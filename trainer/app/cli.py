@@ -59,7 +59,18 @@ def cmd_cache(args) -> int:
     config = _load_config(args)
     summary = run_cache_command(config, decode=args.decode, quiet=args.quiet)
     _write_json(args.json, summary)
-    return 0 if summary["failed"] == 0 else 1
+    if summary["stopped_by"]:
+        from ..training.stopping import exit_code_for
+
+        print(f"stopped by {summary['stopped_by']}: the {summary['video_encoded']} items encoded so far are kept in "
+              f"{summary['cache_dir']}; run the same command again to encode the rest", file=sys.stderr)
+        return exit_code_for(summary["stopped_by"])
+    if summary["entries"] == 0:
+        print(f"error: nothing usable was cached ({summary['failed']} of {summary['items']} items failed; "
+              "their reasons are above): fix the files or run `doctor`", file=sys.stderr)
+        return 1
+    # Failed items are named above; they fail the command only when asked (as doctor --strict does).
+    return 1 if args.strict and summary["failures"] else 0
 
 
 def cmd_train(args) -> int:
@@ -168,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("cache", help="encode video/audio latents and text once, reuse them while inputs are unchanged")
     p.add_argument("--decode", action="store_true", help="also write decoded audio (wav) and a video preview per item, with round-trip scores")
+    p.add_argument("--strict", action="store_true", help="exit non-zero when any item (or any clip's audio) could not be cached")
     common(p)
     p.set_defaults(func=cmd_cache)
 
@@ -242,12 +254,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _is_reported_error(exc: Exception) -> bool:
     """Errors whose message already says what is wrong and what to do."""
+    from ..data.cache import CacheError
     from ..data.media.probe import MediaError
     from ..evaluation.report_html import ReportError
     from ..evaluation.voice_score import VoiceScoreError
     from ..training.loop import TrainingError
 
-    return isinstance(exc, (TrainingError, MediaError, ReportError, VoiceScoreError))
+    return isinstance(exc, (TrainingError, MediaError, ReportError, VoiceScoreError, CacheError))
 
 
 if __name__ == "__main__":

@@ -80,10 +80,11 @@ def _require_sources(config: Config) -> None:
 
 
 def cache_dataset(config: Config, encoders, *, quiet: bool = False, decode: bool = False, warn=None,
-                  on_item: Callable[[int, int], None] | None = None) -> dict:
-    """Encode the dataset into the cache; prints ``Audio latent caching: N encoded, M failed`` and returns
-    the cache summary (the contract's totals plus failures). ``decode`` also writes previews.
-    ``on_item(done, total)`` reports progress (ComfyUI's progress bar)."""
+                  on_item: Callable[[int, int], None] | None = None, stop: StopRequest | None = None) -> dict:
+    """Encode the dataset into the cache; prints ``Audio latent caching: N encoded, M failed`` and the item
+    counts, and returns the cache summary (the contract's totals plus failures). ``decode`` also writes
+    previews. ``on_item(done, total)`` reports progress (ComfyUI's progress bar); ``stop`` ends the run between
+    two items, keeping what was finished."""
     _require_sources(config)
     items = enumerate_dataset(config.dataset)
     cache_dir = cache_dir_of(config)
@@ -100,23 +101,26 @@ def cache_dataset(config: Config, encoders, *, quiet: bool = False, decode: bool
             on_item(index + 1, len(items))
 
     summary = build_cache(config, items, encoders, lambda item: prepare_for_cache(item, config), cache_dir,
-                          on_item=item_done, warn=on_warn)
-    result = {**summary.totals(), "failed": summary.failed, "entries": summary.entries, "failures": summary.failures,
-              "cache_dir": str(cache_dir), "warnings": warnings}
-    if decode:
+                          on_item=item_done, warn=on_warn, stop=stop)
+    result = {**summary.totals(), "failed": summary.failed, "entries": summary.entries, "items": summary.items,
+              "failures": summary.failures, "stopped_by": summary.stopped_by, "cache_dir": str(cache_dir),
+              "warnings": warnings}
+    if decode and summary.stopped_by is None:
         from ..evaluation.previews import write_cache_previews
 
         result["previews"] = write_cache_previews(config, encoders, cache_dir, progress=progress)
     atomic_write_json(cache_dir / "cache_report.json", result)
     _echo(summary.console_line(), quiet)
+    _echo(summary.items_line(), quiet)
     _echo(json.dumps(summary.totals()), quiet)
     return result
 
 
 def run_cache_command(config: Config, *, decode: bool = False, quiet: bool = False) -> dict:
     encoders = build_headless_encoders(config)
-    with torch.no_grad():
-        return cache_dataset(config, encoders, quiet=quiet, decode=decode)
+    # Ctrl-C / SIGTERM stop between two items; every finished entry is already in the cache's journal.
+    with torch.no_grad(), stop_on_signals(StopRequest(), announce=_announce) as stop:
+        return cache_dataset(config, encoders, quiet=quiet, decode=decode, stop=stop)
 
 
 # ---- train ----------------------------------------------------------------------------------------
