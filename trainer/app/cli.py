@@ -98,6 +98,8 @@ def cmd_verify(args) -> int:
     config = _load_config(args)
     report = run_verify_command(config, Path(args.lora))
     print(report.summary())
+    for mismatch in report.shape_mismatches[:20]:
+        print(f"  wrong shape: {mismatch}")
     if report.unloaded_keys:
         for key in report.unloaded_keys[:20]:
             print(f"  not loaded: {key}")
@@ -128,15 +130,23 @@ def cmd_score(args) -> int:
         reference = VoiceReference.from_dataset(_load_config(args).dataset)
     if args.save_reference:
         reference.save(args.save_reference)
-    rows = []
+    rows, failures = [], []
     for path in args.files:
-        score = score_file(path, reference)
+        # Each file on its own: one that cannot be scored is named with its reason and the rest are still scored.
+        try:
+            score = score_file(path, reference)
+        except Exception as exc:
+            failures.append({"file": str(path), "error": str(exc)})
+            print(f"error: {path}: {exc}", file=sys.stderr)
+            continue
         rows.append({"file": str(path), **score.to_dict()})
         note = "" if score.speech_detected else "  (no speech detected: the score means little)"
         print(f"{score.similarity:.3f}  {path}{note}")
     print(f"reference: {reference.typical_similarity:.3f} is how the dataset's own clips score against it")
-    _write_json(args.json, {"reference_typical": reference.typical_similarity, "scores": rows})
-    return 0
+    _write_json(args.json, {"reference_typical": reference.typical_similarity, "scores": rows, "failures": failures})
+    if failures:
+        print(f"error: {len(failures)} of {len(args.files)} files could not be scored (named above)", file=sys.stderr)
+    return 1 if failures else 0
 
 
 def cmd_report(args) -> int:
@@ -254,13 +264,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _is_reported_error(exc: Exception) -> bool:
     """Errors whose message already says what is wrong and what to do."""
+    from ..adapters.files import AdapterFileError
     from ..data.cache import CacheError
     from ..data.media.probe import MediaError
     from ..evaluation.report_html import ReportError
     from ..evaluation.voice_score import VoiceScoreError
     from ..training.loop import TrainingError
 
-    return isinstance(exc, (TrainingError, MediaError, ReportError, VoiceScoreError, CacheError))
+    return isinstance(exc, (TrainingError, MediaError, ReportError, VoiceScoreError, CacheError, AdapterFileError))
 
 
 if __name__ == "__main__":

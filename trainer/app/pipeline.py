@@ -292,8 +292,14 @@ def run_verify_command(config: Config, lora: Path):
     from ..backends.diffusers_backend import diffusers_to_reference_path
 
     denoiser = build_headless_denoiser(config)
-    module_paths = {diffusers_to_reference_path(name) for name, _ in denoiser.module.named_modules()}
+    # Every module path the loader could target; Linear layers with their (out, in) for the shape check.
+    module_paths = {diffusers_to_reference_path(name): _linear_shape(module) for name, module in denoiser.module.named_modules()}
     return verify_lora_keys(lora, module_paths)
+
+
+def _linear_shape(module) -> tuple[int, int] | None:
+    weight = getattr(module, "weight", None)
+    return tuple(weight.shape) if isinstance(weight, torch.Tensor) and weight.ndim == 2 else None
 
 
 # ---- sample ---------------------------------------------------------------------------------------

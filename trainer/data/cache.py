@@ -32,6 +32,7 @@ from safetensors import safe_open
 from ..backends.interface import AUDIO_SAMPLE_RATE, TextContext
 from ..config import Config, ConfigError
 from ..io_utils import atomic_write_json, read_jsonl, remove_stale_temporaries, save_safetensors_atomic
+from .audio_verdict import AudioThresholds, judge_clip_audio
 from .batches import LatentSample
 from .media.timing import prepare_item
 
@@ -295,8 +296,14 @@ def prepare_for_cache(item, config: Config) -> PreparedItem:
     audio = None if clip.audio is None else torch.from_numpy(np.ascontiguousarray(clip.audio))
     # prepare_clip raises MediaError for audio that exists but cannot be decoded; None means no audio stream.
     problem = "no audio stream" if audio is None and not item.is_image and config.dataset.with_audio else None
+    if audio is not None:
+        # The doctor's verdict on the same span: silent, near-silent or too little sound is no voice supervision.
+        verdict = judge_clip_audio(clip.audio, clip.audio_valid_samples, clip.sample_rate,
+                                   AudioThresholds.from_dataset(config.dataset))
+        if not verdict.supervises_voice:
+            audio, problem = None, verdict.reason
     return PreparedItem(frames=torch.from_numpy(np.ascontiguousarray(clip.frames)), fps=clip.fps, audio=audio,
-                        audio_valid_samples=clip.audio_valid_samples, audio_problem=problem)
+                        audio_valid_samples=clip.audio_valid_samples if audio is not None else 0, audio_problem=problem)
 
 
 def build_cache(
@@ -399,6 +406,8 @@ def _fingerprint(config: Config, item, encoder_fp: str) -> str:
                          config.dataset.resolution_buckets, config.dataset.crop, config.dataset.allow_upscale],
             "timing": [config.dataset.target_fps, getattr(item, "fps_override", 0.0), getattr(config.dataset, "retime", "resample")],
             "audio_params": [AUDIO_SAMPLE_RATE, 2, config.dataset.with_audio, getattr(item, "audio_stream", 0)],
+            # The audio verdict decides whether a clip's sound is cached as supervision.
+            "audio_verdict": dataclasses.astuple(AudioThresholds.from_dataset(config.dataset)),
             "video_dtype": config.cache.video_dtype,
             # Connector training needs the connectors' inputs cached too.
             "text_features": config.network.connectors != "off",

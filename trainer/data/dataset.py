@@ -52,6 +52,15 @@ class DatasetItem:
     caption_has_trigger: bool = False  # whether the raw caption already names the trigger
     key: str = ""  # stable id: "<source index>:<path relative to the source>"
     problems: list[str] = field(default_factory=list)
+    # Caption problems as (severity, code, message): caption_missing / caption_empty (warnings: the item trains on
+    # the trigger alone), caption_not_utf8 / caption_binary (errors: the item is not cached).
+    caption_problems: list[tuple[str, str, str]] = field(default_factory=list)
+
+    @property
+    def caption_error(self) -> str | None:
+        """Why the caption cannot be used as text (the item then fails in the cache), or None."""
+        errors = [message for severity, _, message in self.caption_problems if severity == "error"]
+        return "; ".join(errors) if errors else None
 
 
 @dataclass
@@ -75,24 +84,32 @@ class DatasetScan:
 # --------------------------------------------------------------------------------------------
 
 
-def read_caption(path: Path) -> tuple[str, list[str]]:
-    """(caption text, problems). UTF-8 (a BOM is allowed); other bytes are decoded with replacement
-    characters and reported. Whitespace runs, newlines included, become single spaces."""
+_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f]")  # never in text; \t \n \v \f \r are whitespace
+
+
+def read_caption(path: Path) -> tuple[str, list[tuple[str, str, str]]]:
+    """(caption text, problems as (severity, code, message)). UTF-8 (a BOM is allowed); whitespace runs,
+    newlines included, become single spaces. A file that is not UTF-8 or holds binary bytes is an error: its
+    text would be garbage, so the caption is empty and the item is not cached."""
     if not path.is_file():
-        return "", [f"no caption: {path} does not exist (write the caption there, or the item trains on the "
-                    "trigger alone)"]
+        return "", [("warning", "caption_missing", f"no caption: {path} does not exist (write the caption there, or "
+                                                   "the item trains on the trigger alone)")]
     data = path.read_bytes()
-    problems = []
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        text = data.decode("utf-8", errors="replace")
-        problems.append(f"caption {path} is not valid UTF-8 (byte 0x{data[exc.start]:02x} at position {exc.start}); "
-                        "it was read with replacement characters (\ufffd): re-save the file as UTF-8")
+        return "", [("error", "caption_not_utf8",
+                     f"caption {path} is not valid UTF-8 (byte 0x{data[exc.start]:02x} at position {exc.start}): the "
+                     "item is not cached. Re-save the file as UTF-8")]
+    control = _CONTROL.search(text)
+    if control:
+        return "", [("error", "caption_binary",
+                     f"caption {path} holds binary data (byte 0x{ord(control.group()):02x} at character "
+                     f"{control.start()}), not text: the item is not cached. Write the caption as plain UTF-8 text")]
     text = " ".join(text.split())
     if not text:
-        problems.append(f"caption {path} is empty (the item trains on the trigger alone): write a caption")
-    return text, problems
+        return "", [("warning", "caption_empty", f"caption {path} is empty (the item trains on the trigger alone): write a caption")]
+    return text, []
 
 
 def _trigger_pattern(trigger: str) -> re.Pattern[str]:
@@ -309,15 +326,19 @@ def _make_item(
     is_image = source.kind == "image" or (source.kind == "jsonl" and entry.media.suffix.lower() in IMAGE_EXTENSIONS)
 
     caption_path = None
+    caption_problems: list[tuple[str, str, str]] = []
     if entry.caption is not None:
         raw = " ".join(entry.caption.split())
-        if not raw:
-            problems.append(f"the caption of {entry.media} in the JSONL is empty (the item trains on the trigger "
-                            "alone): write a caption")
+        if _CONTROL.search(entry.caption):
+            raw = ""
+            caption_problems.append(("error", "caption_binary", f"the caption of {entry.media} in the JSONL holds "
+                                     "control characters, not text: the item is not cached. Write plain text"))
+        elif not raw:
+            caption_problems.append(("warning", "caption_empty", f"the caption of {entry.media} in the JSONL is empty "
+                                     "(the item trains on the trigger alone): write a caption"))
     else:
         caption_path = entry.media.with_suffix(source.caption_extension)
         raw, caption_problems = read_caption(caption_path)
-        problems.extend(caption_problems)
 
     audio_path = entry.audio
     if audio_path is None and not is_image:
@@ -349,4 +370,5 @@ def _make_item(
         caption_has_trigger=caption_has_trigger(raw, config.trigger),
         key=key,
         problems=problems,
+        caption_problems=caption_problems,
     )
