@@ -403,7 +403,9 @@ def _fingerprint(config: Config, item, encoder_fp: str) -> str:
             "model_version": config.model.version,
             "caption": item.caption,
             "geometry": [config.dataset.width, config.dataset.height, config.dataset.frames, config.dataset.frame_buckets,
-                         config.dataset.resolution_buckets, config.dataset.crop, config.dataset.allow_upscale],
+                         config.dataset.resolution_buckets, config.dataset.crop, config.dataset.allow_upscale]
+            # A random crop is drawn from the seed: another seed is another crop.
+            + ([config.train.seed] if config.dataset.crop == "random" else []),
             "timing": [config.dataset.target_fps, getattr(item, "fps_override", 0.0), getattr(config.dataset, "retime", "resample")],
             "audio_params": [AUDIO_SAMPLE_RATE, 2, config.dataset.with_audio, getattr(item, "audio_stream", 0)],
             # The audio verdict decides whether a clip's sound is cached as supervision.
