@@ -479,6 +479,50 @@ def test_cancel_leaves_resumable_state_and_the_next_queue_resumes(objects, cache
     with torch.inference_mode():
         lora, _ = train_node().execute(objects["model"], cache[0], config, 4, "cancelled").args
     assert events.steps() == list(range(1, stopped + 1)) + list(range(stopped + 1, 7)) and lora["step"] == 6
+    # Bit for bit the run that was never cancelled.
+    with torch.inference_mode():
+        straight, _ = train_node().execute(objects["model"], cache[0], config, 6, "never_cancelled").args
+    _assert_same_lora(lora["path"], straight["path"])
+
+
+def _assert_same_lora(path_a, path_b):
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(path_a)), load_file(str(path_b))
+    assert set(a) == set(b)
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)}/{len(a)} tensors differ, e.g. {different[:3]}"
+
+
+def test_cancel_inside_an_op_keeps_the_last_completed_step_and_resumes_bit_for_bit(objects, cache, events):
+    """ComfyUI's ops check the interrupt flag on every call: Cancel can land in the middle of a forward."""
+    import comfy.model_management as mm
+
+    from ltx2_av_trainer.nodes.train_nodes import run_folder, saved_step
+    from ltx2_av_trainer.trainer.backends.comfyui.denoiser import ltxav_diffusion_model
+
+    config = training_config(train_steps=6)
+    block = ltxav_diffusion_model(objects["model"]).transformer_blocks[0]
+    calls = []
+
+    def op_checks_the_flag(module, args):
+        calls.append(1)
+        if len(events.steps()) == 3 and len(calls) > 1:  # inside the forward of step 4
+            mm.interrupt_current_processing(True)
+        mm.throw_exception_if_processing_interrupted()
+
+    handle = block.register_forward_pre_hook(op_checks_the_flag)
+    try:
+        with torch.inference_mode(), pytest.raises(mm.InterruptProcessingException):
+            train_node().execute(objects["model"], cache[0], config, 6, "cancelled_in_op")
+    finally:
+        handle.remove()
+    assert saved_step(run_folder("cancelled_in_op")) == 3  # the last completed step, not the half of step 4
+    with torch.inference_mode():
+        lora, _ = train_node().execute(objects["model"], cache[0], config, 6, "cancelled_in_op").args
+        straight, _ = train_node().execute(objects["model"], cache[0], config, 6, "never_cancelled_op").args
+    assert lora["step"] == 6
+    _assert_same_lora(lora["path"], straight["path"])
 
 
 def test_a_changed_run_is_refused_with_the_comfyui_fix(objects, cache, trained):
