@@ -121,8 +121,8 @@ def _signal(kind: str, rate: int, channels: int, seconds: float = 3.0) -> np.nda
         mono = 0.25 * np.sin(2 * np.pi * 997 * t)
     elif kind == "noise":
         mono = rng.normal(0, 0.05, t.shape)
-    elif kind == "bursts":  # loud and very quiet halves: the relative gate matters
-        mono = np.where(t < seconds / 2, 0.3, 0.003) * np.sin(2 * np.pi * 440 * t)
+    elif kind == "bursts":  # a loud half and one 14 dB lower: only the -10 LU relative gate drops the quiet half
+        mono = np.where(t < seconds / 2, 0.3, 0.06) * np.sin(2 * np.pi * 440 * t)
     else:  # a low tone: the K-weighting's high-pass matters
         mono = 0.4 * np.sin(2 * np.pi * 60 * t)
     out = np.stack([mono * (1.0 - 0.3 * c) for c in range(channels)])

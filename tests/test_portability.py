@@ -108,3 +108,23 @@ def test_config_tests_pass_on_python_310(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert "passed" in result.stdout and "3.10" in subprocess.run(
         [str(python), "-c", "import sys; print(sys.version)"], capture_output=True, text=True).stdout
+
+
+@pytest.mark.comfyui
+def test_the_node_pack_imports_without_the_resource_module(comfy):
+    """What ComfyUI imports on Windows: every node module (and through them the trainer). ComfyUI is imported
+    first: its Linux dependencies (psutil) use ``resource`` themselves, their Windows builds do not."""
+    code = f"""
+import importlib, pkgutil
+from ltx2_av_trainer.trainer.backends.comfyui.env import import_model_management
+import_model_management({os.environ["COMFYUI_PATH"]!r})
+""" + _blocker("resource") + """
+import ltx2_av_trainer.nodes as nodes
+names = [m.name for m in pkgutil.walk_packages(nodes.__path__, "ltx2_av_trainer.nodes.")]
+for name in names:
+    importlib.import_module(name)
+print("imported", len(names))
+"""
+    result = _run(code)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert int(result.stdout.split()[-1]) >= 6
