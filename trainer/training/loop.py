@@ -468,6 +468,7 @@ class Trainer:
         if self.step >= cfg.train.steps:
             self._warn(f"the run is already at step {self.step} (train.steps = {cfg.train.steps}): nothing to train; "
                        f"its LoRA is {self.last_lora or self._lora_path(self.step)}. Raise train.steps to train further")
+        self._step_start = None  # between steps (an earlier run may have ended inside one)
         self.callbacks.on_start(self)
         self.network.train()
         saved_at = self.step
