@@ -58,10 +58,19 @@ def chosen_lora(lora, lora_name: str | None) -> Path:
 
 
 def verify_with_comfyui(model_patcher, path: Path) -> VerifyReport:
-    """The verify report of ``path`` as ComfyUI's own LoRA loader applies it to the MODEL."""
+    """The verify report of ``path`` as ComfyUI's own LoRA loader applies it to the MODEL, with every applied
+    module's tensor shapes checked against its layer (ComfyUI would skip a mismatched patch with a log line)."""
     tensors, metadata = read_adapter_file(path)
     applied, unloaded = keys_comfyui_applies(model_patcher, tensors)
-    return verify_report(path, tensors, metadata, applied, unloaded)
+    diffusion_model = ltxav_diffusion_model(model_patcher)
+    shapes = {}
+    for module in applied:
+        try:
+            weight = getattr(diffusion_model.get_submodule(module), "weight", None)
+        except AttributeError:
+            weight = None
+        shapes[module] = tuple(weight.shape) if weight is not None and weight.ndim == 2 else None
+    return verify_report(path, tensors, metadata, applied, unloaded, shapes)
 
 
 class VerifyLoRAKeys(io.ComfyNode):

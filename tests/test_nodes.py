@@ -627,6 +627,14 @@ def test_verify_names_unloaded_keys_and_refuses_missing_trained_groups(comfy_hom
     report, ok = VerifyLoRAKeys.execute(objects["model"], None, "foreign.safetensors").args
     assert not ok and "transformer.transformer_blocks.0.attn1.to_q.lora_A.weight" in report
 
+    # Every key lands, but one module's up matrix ([out, rank]) is two rows too tall for its layer.
+    misshapen = dict(tensors)
+    key = next(k for k, t in tensors.items() if ".transformer_blocks.0.attn1.to_q." in k and t.ndim == 2 and t.shape[0] > t.shape[1])
+    misshapen[key] = torch.zeros(tensors[key].shape[0] + 2, tensors[key].shape[1])
+    save_safetensors_atomic(misshapen, comfy_home["loras"] / "misshapen.safetensors", metadata=metadata)
+    report, ok = VerifyLoRAKeys.execute(objects["model"], None, "misshapen.safetensors").args
+    assert not ok and "0 keys not loaded" in report and "wrong shape: transformer_blocks.0.attn1.to_q:" in report
+
     audio_dropped = {k: v for k, v in tensors.items() if ".audio_attn" not in k}
     save_safetensors_atomic(audio_dropped, comfy_home["loras"] / "no_audio.safetensors", metadata=metadata)
     assert "audio_attn" in metadata[METADATA_PREFIX + "groups"]
