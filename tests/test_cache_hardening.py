@@ -4,7 +4,6 @@ fails only the bad item, and its counts and exit codes agree with each other and
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
