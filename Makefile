@@ -3,6 +3,11 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Python 3.10, the oldest supported version: when an interpreter is found, .venv310 runs the config tests on it
+# (tests/test_portability.py); the rest of the suite runs on $(PYTHON).
+PYTHON310 ?= $(shell for p in python3.10 $$HOME/.pyenv/versions/3.10*/bin/python3.10; do "$$p" -c "" 2>/dev/null && { echo "$$p"; break; }; done)
+VENV310 := .venv310
+STAMP310 := $(VENV310)/.installed
 
 .PHONY: setup demo test test-comfyui clean
 
@@ -15,10 +20,16 @@ $(STAMP): requirements-dev.txt requirements.txt pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
+$(STAMP310): requirements-dev.txt
+	@if [ -n "$(PYTHON310)" ]; then \
+		$(PYTHON310) -m venv $(VENV310) && \
+		$(VENV310)/bin/python -m pip install --quiet pytest==9.2.0 tomli==2.4.1 && touch $(STAMP310); \
+	else echo "note: no python3.10 found: the Python 3.10 config tests are skipped"; fi
+
 demo: $(STAMP)
 	$(BIN)/ltx2-av-trainer demo --out demo_out
 
-test: $(STAMP)
+test: $(STAMP) $(STAMP310)
 	$(BIN)/python -m pytest -q
 
 # The ComfyUI tier: needs COMFYUI_PATH pointing at a ComfyUI checkout (see README).
@@ -29,4 +40,4 @@ test-comfyui: $(STAMP)
 	$(BIN)/python -m pytest -q -m comfyui
 
 clean:
-	rm -rf $(VENV) demo_out .pytest_cache tests/artifacts
+	rm -rf $(VENV) $(VENV310) demo_out .pytest_cache tests/artifacts

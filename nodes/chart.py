@@ -3,7 +3,10 @@
 After every step ``ComfyTraining`` sends ``PromptServer.instance.send_sync("ltx2av.train", point)``; the widget
 draws the points whose ``node`` is its own node id. Train LoRA also returns every point of the run as
 ``ui["ltx2av_history"]``, so the chart comes back after a page reload. The progress bar is ComfyUI's, and the
-check after each step makes Cancel stop within one step.
+check after each step makes Cancel stop within one step: Cancel seen there (or by the progress bar's hook) becomes
+the trainer's stop request, so the run ends on that step boundary with its state saved; Train LoRA then raises
+ComfyUI's interrupt. A Cancel raised inside one of ComfyUI's ops in the middle of a step ends the run too, and
+the trainer keeps the last completed step.
 """
 
 from __future__ import annotations
@@ -77,6 +80,7 @@ class ComfyTraining(ConsoleTraining):
         self.points: list[dict] = []
         self._times: list[float] = []
         self._bar = None
+        self.cancelled = False  # Cancel was seen between steps: the run stopped there (Train LoRA raises the interrupt)
 
     def on_start(self, trainer) -> None:
         import comfy.utils
@@ -87,7 +91,7 @@ class ComfyTraining(ConsoleTraining):
             self._times.append(row["step_time_s"])
             self.points.append(chart_point(self.node, row, self.total, self._times))
         self._bar = comfy.utils.ProgressBar(self.total)
-        self._bar.update_absolute(trainer.step)
+        self._watch_cancel(trainer, lambda: self._bar.update_absolute(trainer.step))
 
     def on_step(self, trainer, metrics: dict) -> None:
         super().on_step(trainer, metrics)
@@ -95,6 +99,14 @@ class ComfyTraining(ConsoleTraining):
         point = chart_point(self.node, metrics, self.total, self._times)
         self.points.append(point)
         send_train_event(point)
-        self._bar.update_absolute(metrics["step"])
-        # The bar's hook is throttled; this check makes Cancel stop within one step.
-        import_model_management().throw_exception_if_processing_interrupted()
+        # The bar's hook raises on Cancel but is throttled; the explicit check makes Cancel stop within one step.
+        self._watch_cancel(trainer, lambda: self._bar.update_absolute(metrics["step"]))
+        self._watch_cancel(trainer, import_model_management().throw_exception_if_processing_interrupted)
+
+    def _watch_cancel(self, trainer, call) -> None:
+        """Run ``call``; ComfyUI's interrupt it raises becomes the trainer's stop request (a step boundary)."""
+        try:
+            call()
+        except import_model_management().InterruptProcessingException:
+            self.cancelled = True
+            trainer.stop.request("ComfyUI Cancel")

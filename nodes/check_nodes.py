@@ -12,7 +12,7 @@ from pathlib import Path
 from comfy_api.latest import io
 
 from ..trainer.adapters.files import read_adapter_file
-from ..trainer.adapters.verify import VerifyReport, verify_report
+from ..trainer.adapters.verify import VerifyReport, model_modules, verify_report
 from ..trainer.backends.comfyui.denoiser import ComfyDenoiser, detect_comfy_version, ltxav_diffusion_model
 from ..trainer.backends.comfyui.encoders import (
     audio_latent_count,
@@ -58,12 +58,12 @@ def chosen_lora(lora, lora_name: str | None) -> Path:
 
 
 def verify_with_comfyui(model_patcher, path: Path) -> VerifyReport:
-    """The verify report of ``path`` as ComfyUI's own LoRA loader applies it to the MODEL, with what a file of
-    another trainer would apply after Convert LoRA."""
+    """The verify report of ``path`` as ComfyUI's own LoRA loader applies it to the MODEL, with every applied
+    module's tensor shapes checked against its layer (ComfyUI would skip a mismatched patch with a log line) and
+    what a file of another trainer would apply after Convert LoRA."""
     tensors, metadata = read_adapter_file(path)
     applied, unloaded = keys_comfyui_applies(model_patcher, tensors)
-    module_paths = {name for name, _ in ltxav_diffusion_model(model_patcher).named_modules() if name}
-    return verify_report(path, tensors, metadata, applied, unloaded, module_paths)
+    return verify_report(path, tensors, metadata, applied, unloaded, model_modules(ltxav_diffusion_model(model_patcher)))
 
 
 class VerifyLoRAKeys(io.ComfyNode):

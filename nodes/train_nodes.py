@@ -3,9 +3,9 @@
 Train LoRA runs ``trainer/app/pipeline.train_from_cache`` on a ``ComfyDenoiser`` over the loader's MODEL (no
 second copy of the weights). Its run folder is ``<ComfyUI output>/ltx2av_runs/<run_name>``; each queue
 trains ``steps_per_queue`` more steps (``until_step``) and the next queue resumes from the run's saved
-state, until ``train.steps`` (the run's total) is reached. Cancel raises ComfyUI's
-``InterruptProcessingException`` at the next step; the trainer saves a resumable state on any exception
-and re-raises it, so nothing learned is lost. After every step the node sends
+state, until ``train.steps`` (the run's total) is reached. Cancel stops the run on a step boundary with its
+state saved (``chart.ComfyTraining``), then the node raises ComfyUI's ``InterruptProcessingException``; a Cancel
+inside a step keeps the last completed step. Either way the next queue continues bit for bit. After every step the node sends
 ``PromptServer.instance.send_sync("ltx2av.train", point)`` for the live chart and returns every point
 of the run as ``ui["ltx2av_history"]``, so the chart comes back after a page reload.
 
@@ -28,7 +28,7 @@ from ..trainer.adapters.files import METADATA_PREFIX, read_adapter_file
 from ..trainer.app.pipeline import train_from_cache
 from ..trainer.backends.comfyui.denoiser import ComfyDenoiser, detect_comfy_version, ltxav_diffusion_model
 from ..trainer.backends.comfyui.encoders import ComfyEncoders
-from ..trainer.backends.comfyui.env import comfy_training_mode
+from ..trainer.backends.comfyui.env import comfy_training_mode, import_model_management
 from ..trainer.config import Config, ConfigError
 from ..trainer.io_utils import atomic_path, read_jsonl
 from ..trainer.training.loop import TrainingError
@@ -208,6 +208,9 @@ class TrainLoRA(io.ComfyNode):
                 if encoders is None and "need the encoders" in str(exc):
                     raise ConfigError(f"{exc}. In ComfyUI: {CONNECT_ENCODERS}") from exc
                 raise
+        if callbacks.cancelled or result.stopped_by:
+            # Stopped on a step boundary with its state saved: tell ComfyUI the prompt was interrupted.
+            raise import_model_management().InterruptProcessingException()
         lora_path = result.lora_path or lora_file(run, result.step)
         if not lora_path.is_file():
             raise FileNotFoundError(f"{lora_path}: the run has no LoRA for step {result.step}; queue again to train")

@@ -187,19 +187,23 @@ EXPECTED: dict[str, tuple[str | None, tuple[str, ...]]] = {
     "no_audio": ("warning", ("no audio stream",)),
     "audio_ends_early": ("warning", ("audio ends",)),
     "two_audio_streams": ("warning", ("2 audio streams",)),
-    "silent_audio": ("warning", ("silent",)),
+    "silent_audio": ("error", ("silent", "not voice supervision")),
     "clipped": ("warning", ("clipped",)),
     "too_quiet": ("warning", ("too quiet",)),
     "vfr": ("warning", ("variable frame rate",)),
     "duplicate": ("warning", ("same content as",)),
     "missing_caption": ("warning", ("no caption",)),
-    "latin1_caption": ("warning", ("not valid utf-8",)),
+    "latin1_caption": ("error", ("not valid utf-8",)),
     "no_trigger": ("warning", ("trigger",)),
     "truncated": ("error", ("truncated",)),
     "unsupported_codec": ("error", ("cannot decode",)),
     "zero_byte": ("error", ("empty (0 bytes)",)),
     "too_short": ("error", ("smallest frame bucket",)),
 }
+
+
+# Items whose only error is the audio verdict: not voice supervision, so they are cached audio-free (the video trains).
+AUDIO_FREE = {"silent_audio"}
 
 
 def build_corpus(folder: str | Path) -> dict[str, Path]:

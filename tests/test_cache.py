@@ -14,9 +14,9 @@ from ltx2_av_trainer.trainer.config import Config
 from ltx2_av_trainer.trainer.adapters.files import read_adapter_file
 from ltx2_av_trainer.trainer.app.pipeline import build_headless_encoders, cache_dataset
 
-from media_corpus import EXPECTED, build_corpus, corpus_dataset_config
+from media_corpus import AUDIO_FREE, EXPECTED, build_corpus, corpus_dataset_config
 
-UNUSABLE = {name for name, (severity, _) in EXPECTED.items() if severity == "error"}
+UNUSABLE = {name for name, (severity, _) in EXPECTED.items() if severity == "error"} - AUDIO_FREE
 
 
 def _config(tmp_path, corpus_dir, **dataset_overrides) -> Config:
@@ -52,19 +52,24 @@ def test_every_bad_item_is_named_and_every_good_one_cached(first_cache):
     for name in UNUSABLE:
         assert str(paths[name]) in failed_paths, f"{name} not reported"
         reason = next(f["reason"] for f in summary["failures"] if f["path"] == str(paths[name]))
-        assert str(paths[name].name) in reason or "truncated" in reason or "empty" in reason or "decode" in reason
+        assert str(paths[name].name) in reason or str(paths[name].stem) + ".txt" in reason or "truncated" in reason \
+            or "empty" in reason or "decode" in reason
     entries = {e.media: e for e in manifest_entries(config.cache.dir)}
     for name, path in paths.items():
         if name in UNUSABLE:
-            assert str(path) not in entries
-        elif name != "silent_video_with_wav" or True:
-            assert any(str(path) == media for media in entries), f"{name} was not cached"
+            assert str(path) not in entries, f"{name} is unusable but was cached"
+        else:
+            assert str(path) in entries, f"{name} was not cached"
     # Audio-less clips are cached video-only and counted as audio failures with the reason.
     no_audio = entries[str(paths["no_audio"])]
     assert not no_audio.has_audio and "no audio" in no_audio.audio_problem
     audio_failures = [f for f in summary["failures"] if f["reason"].startswith("audio:")]
     assert any(str(paths["no_audio"]) in f["path"] for f in audio_failures)
     assert summary["audio_failed"] == len(UNUSABLE) + len(audio_failures)
+    # The doctor's verdict: silent audio is cached audio-free, with the reason, never as supervision.
+    silent = entries[str(paths["silent_audio"])]
+    assert not silent.has_audio and "silent" in silent.audio_problem and "not voice supervision" in silent.audio_problem
+    assert any(f["path"] == str(paths["silent_audio"]) and "silent" in f["reason"] for f in audio_failures)
     # The separate wav gives the silent video its audio; images carry none and are not audio failures.
     assert entries[str(paths["silent_video_with_wav"])].has_audio
     assert not entries[str(paths["image"])].has_audio

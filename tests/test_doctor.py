@@ -18,7 +18,10 @@ from ltx2_av_trainer.trainer.data.dataset import (
     scan_dataset,
     training_items,
 )
-from ltx2_av_trainer.trainer.data.doctor import DoctorThresholds, diagnose, run_doctor
+from ltx2_av_trainer.trainer.config import Config
+from ltx2_av_trainer.trainer.data.audio_verdict import NOT_VOICE
+from ltx2_av_trainer.trainer.data.cache import prepare_for_cache
+from ltx2_av_trainer.trainer.data.doctor import diagnose, run_doctor
 from ltx2_av_trainer.trainer.io_utils import TMP_PREFIX
 from ltx2_av_trainer.trainer.data.media.timing import prepare_item
 
@@ -73,10 +76,14 @@ def test_captions_and_trigger(tmp_path):
     assert read_caption(path) == ("ohwx, two lines", [])
     path.write_bytes("caf\u00e9".encode("latin-1"))
     text, problems = read_caption(path)
-    assert text == "caf\ufffd" and "not valid UTF-8" in problems[0] and str(path) in problems[0]
+    (severity, code, message), = problems
+    assert text == "" and (severity, code) == ("error", "caption_not_utf8")
+    assert "not valid UTF-8" in message and str(path) in message
+    path.write_bytes(b"PK\x03\x04\x14\x00\x00\x00\x08\x00")  # a zip saved as the caption: valid UTF-8, not text
+    assert read_caption(path)[1][0][:2] == ("error", "caption_binary")
     path.write_bytes(b"  \n")
-    assert "is empty" in read_caption(path)[1][0]
-    assert "does not exist" in read_caption(tmp_path / "none.txt")[1][0]
+    assert read_caption(path)[1][0][:2] == ("warning", "caption_empty")
+    assert read_caption(tmp_path / "none.txt")[1][0][:2] == ("warning", "caption_missing")
 
 
 def test_folder_listing_with_audio_dir_images_weights_and_validation(corpus_folder):
@@ -95,8 +102,10 @@ def test_folder_listing_with_audio_dir_images_weights_and_validation(corpus_fold
     assert image.is_image and image.is_validation and image.audio_path is None and image.audio_loss_weight == 0.0
     assert by_name["no_trigger.mp4"].caption == "ohwx, a person speaks to the camera"
     assert not by_name["no_trigger.mp4"].caption_has_trigger
-    assert "not valid UTF-8" in by_name["latin1_caption.mp4"].problems[0]
-    assert "does not exist" in by_name["missing_caption.mp4"].problems[0]
+    assert "not valid UTF-8" in by_name["latin1_caption.mp4"].caption_error
+    assert by_name["latin1_caption.mp4"].caption == "ohwx"  # never the garbage text
+    assert "does not exist" in by_name["missing_caption.mp4"].caption_problems[0][2]
+    assert by_name["missing_caption.mp4"].caption_error is None
     assert by_name["missing_caption.mp4"].caption == "ohwx"
     assert len(training_items(items)) == 3 * (len(items) - 1)  # repeats applied, validation left out
 
@@ -276,8 +285,10 @@ def test_strict_mode_and_run_doctor_writes_json_atomically(corpus_folder, tmp_pa
 
 
 def test_thresholds_are_configurable(corpus_folder, files):
-    strict_quiet = diagnose(corpus.corpus_dataset_config(corpus_folder), thresholds=DoctorThresholds(quiet_lufs=-10))
+    strict_quiet = diagnose(corpus.corpus_dataset_config(corpus_folder, audio_quiet_lufs=-10.0))
     assert any("too quiet" in p for p in entry_for(strict_quiet, files["good"]).problems)
+    short = diagnose(corpus.corpus_dataset_config(corpus_folder, audio_min_seconds=5.0))
+    assert [i.code for i in entry_for(short, files["good"]).errors] == ["audio_too_short"]
 
 
 def test_doctor_ok_items_prepare_and_error_items_do_not(report, corpus_folder):
@@ -286,13 +297,19 @@ def test_doctor_ok_items_prepare_and_error_items_do_not(report, corpus_folder):
     items = {str(i.media_path): i for i in enumerate_dataset(config)}
     for entry in report.entries:
         item = items[entry.path]
-        if entry.ok:
+        if not entry.ok and all(i.code in NOT_VOICE for i in entry.errors):
+            # Only the audio verdict failed: the clip is cached audio-free, with the doctor's reason.
+            prepared = prepare_for_cache(item, Config(dataset=config))
+            assert prepared.audio is None and "not voice supervision" in prepared.audio_problem
+        elif entry.ok:
             clip = prepare_item(item, config, seed=0)
             assert clip.num_frames == entry.frame_bucket
             assert list(clip.resolution_bucket) == entry.resolution_bucket
             assert (clip.audio is not None) == entry.has_audio
             if clip.audio is not None:
                 assert np.isfinite(clip.audio).all()
+        elif any(i.code.startswith("caption_") for i in entry.errors):
+            assert item.caption_error and item.caption == "ohwx"  # the cache fails it; never encodes garbage
         else:
             with pytest.raises(Exception) as caught:
                 prepare_item(item, config, seed=0)

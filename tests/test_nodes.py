@@ -492,6 +492,50 @@ def test_cancel_leaves_resumable_state_and_the_next_queue_resumes(objects, cache
     with torch.inference_mode():
         lora, _ = train_node().execute(objects["model"], cache[0], config, 4, "cancelled").args
     assert events.steps() == list(range(1, stopped + 1)) + list(range(stopped + 1, 7)) and lora["step"] == 6
+    # Bit for bit the run that was never cancelled.
+    with torch.inference_mode():
+        straight, _ = train_node().execute(objects["model"], cache[0], config, 6, "never_cancelled").args
+    _assert_same_lora(lora["path"], straight["path"])
+
+
+def _assert_same_lora(path_a, path_b):
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(path_a)), load_file(str(path_b))
+    assert set(a) == set(b)
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)}/{len(a)} tensors differ, e.g. {different[:3]}"
+
+
+def test_cancel_inside_an_op_keeps_the_last_completed_step_and_resumes_bit_for_bit(objects, cache, events):
+    """ComfyUI's ops check the interrupt flag on every call: Cancel can land in the middle of a forward."""
+    import comfy.model_management as mm
+
+    from ltx2_av_trainer.nodes.train_nodes import run_folder, saved_step
+    from ltx2_av_trainer.trainer.backends.comfyui.denoiser import ltxav_diffusion_model
+
+    config = training_config(train_steps=6)
+    block = ltxav_diffusion_model(objects["model"]).transformer_blocks[0]
+    calls = []
+
+    def op_checks_the_flag(module, args):
+        calls.append(1)
+        if len(events.steps()) == 3 and len(calls) > 1:  # inside the forward of step 4
+            mm.interrupt_current_processing(True)
+        mm.throw_exception_if_processing_interrupted()
+
+    handle = block.register_forward_pre_hook(op_checks_the_flag)
+    try:
+        with torch.inference_mode(), pytest.raises(mm.InterruptProcessingException):
+            train_node().execute(objects["model"], cache[0], config, 6, "cancelled_in_op")
+    finally:
+        handle.remove()
+    assert saved_step(run_folder("cancelled_in_op")) == 3  # the last completed step, not the half of step 4
+    with torch.inference_mode():
+        lora, _ = train_node().execute(objects["model"], cache[0], config, 6, "cancelled_in_op").args
+        straight, _ = train_node().execute(objects["model"], cache[0], config, 6, "never_cancelled_op").args
+    assert lora["step"] == 6
+    _assert_same_lora(lora["path"], straight["path"])
 
 
 def test_a_changed_run_is_refused_with_the_comfyui_fix(objects, cache, trained):
@@ -595,6 +639,14 @@ def test_verify_names_unloaded_keys_and_refuses_missing_trained_groups(comfy_hom
     save_safetensors_atomic(foreign, comfy_home["loras"] / "foreign.safetensors", metadata=metadata)
     report, ok = VerifyLoRAKeys.execute(objects["model"], None, "foreign.safetensors").args
     assert not ok and "transformer.transformer_blocks.0.attn1.to_q.lora_A.weight" in report
+
+    # Every key lands, but one module's up matrix ([out, rank]) is two rows too tall for its layer.
+    misshapen = dict(tensors)
+    key = next(k for k, t in tensors.items() if ".transformer_blocks.0.attn1.to_q." in k and t.ndim == 2 and t.shape[0] > t.shape[1])
+    misshapen[key] = torch.zeros(tensors[key].shape[0] + 2, tensors[key].shape[1])
+    save_safetensors_atomic(misshapen, comfy_home["loras"] / "misshapen.safetensors", metadata=metadata)
+    report, ok = VerifyLoRAKeys.execute(objects["model"], None, "misshapen.safetensors").args
+    assert not ok and "0 keys not loaded" in report and "wrong shape: transformer_blocks.0.attn1.to_q:" in report
 
     audio_dropped = {k: v for k, v in tensors.items() if ".audio_attn" not in k}
     save_safetensors_atomic(audio_dropped, comfy_home["loras"] / "no_audio.safetensors", metadata=metadata)

@@ -60,6 +60,24 @@ def test_masked_loss_renormalises_per_sample_and_ignores_padding():
     assert huber.item() == pytest.approx(2.5)
 
 
+def test_ema_mag_follows_the_ema_with_its_decay():
+    """Changing losses: the weight is the clamped ratio of the two EMAs at loss.ema_decay, step by step."""
+    losses = [(0.30, 0.50), (0.25, 0.90), (0.40, 0.20), (0.10, 0.60), (0.35, 0.45), (0.20, 0.05)]
+    for decay in (0.5, 0.9):
+        cfg = LossConfig(balance="ema_mag", ema_decay=decay)
+        balancer = AudioLossBalancer(cfg)
+        ema_v = ema_a = None
+        for video, audio in losses:
+            ema_v = video if ema_v is None else decay * ema_v + (1 - decay) * video
+            ema_a = audio if ema_a is None else decay * ema_a + (1 - decay) * audio
+            expected = min(max(cfg.audio_weight * cfg.target_ratio * ema_v / ema_a, cfg.balance_min), cfg.balance_max)
+            assert balancer.update(video, audio) == pytest.approx(expected, rel=1e-12), (decay, video, audio)
+    # Audio-free steps leave the EMAs alone.
+    before = balancer.state_dict()
+    balancer.update(0.9, None)
+    assert (balancer.ema_video, balancer.ema_audio) == (before["ema_video"], before["ema_audio"])
+
+
 def test_ema_mag_dampens_when_audio_is_large_and_boosts_when_small():
     big = AudioLossBalancer(LossConfig(balance="ema_mag"))
     for _ in range(50):

@@ -15,7 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser as the tomli package (requirements.txt installs it there)
+    import tomli as tomllib
 
 
 class ConfigError(ValueError):
@@ -73,6 +76,13 @@ class DatasetConfig:
     reference_downscale: int = opt(1, "IC-LoRA: references are encoded at 1/this of the clip's width and height (1 = same size; the latent width and height must divide by it). Saved in the LoRA as reference_downscale_factor, which ComfyUI's Get IC-LoRA Parameters reads.")
     reference_audio_seconds: float = opt(5.0, "ID-LoRA: seconds of reference audio used, from its start (about 5 s is what ComfyUI's LTXV Reference Audio node recommends). Shorter references are used whole; the doctor reports them.")
     reference_audio_same_speaker: bool = opt(False, "ID-LoRA: a clip without a reference file of its own takes the sound of another clip of the same speaker: the next clip in the same folder (one folder per speaker).")
+    # The audio verdict of a clip (trainer/data/audio_verdict.py), shared by the doctor and the cache.
+    audio_silent_fraction: float = opt(0.98, "A clip whose audio is at least this share below -60 dBFS is silent: not voice supervision (cached audio-free, see audio.missing_audio) and a doctor error.")
+    audio_near_silent_lufs: float = opt(-50.0, "A clip's audio quieter than this integrated loudness (LUFS), or with no 400 ms block above the loudness gate, is near-silent: not voice supervision and a doctor error.")
+    audio_quiet_lufs: float = opt(-35.0, "Audio quieter than this (LUFS) is reported as too quiet; it is still trained on.")
+    audio_clipped_fraction: float = opt(0.001, "More than this share of samples at full scale is reported as clipped; it is still trained on.")
+    audio_min_seconds: float = opt(0.2, "A clip with less real audio than this (seconds) is too short: not voice supervision and a doctor error.")
+    audio_max_early_end_seconds: float = opt(0.1, "Audio that ends more than this many seconds before its clip is reported (the rest is padded with silence and masked in the loss).")
 
 
 @dataclass
@@ -285,7 +295,7 @@ class TrainConfig:
     batch_size: int = opt(1, "Clips per micro-batch (same-shape clips only).")
     gradient_accumulation: int = opt(1, "Micro-batches per optimizer step.")
     max_grad_norm: float = opt(1.0, "Gradient clipping norm (0 disables).")
-    mixed_precision: Literal["fp32", "bf16", "fp16"] = opt("bf16", "Compute precision (autocast); LoRA weights stay fp32. fp16 needs CUDA.")
+    mixed_precision: Literal["fp32", "bf16", "fp16"] = opt("bf16", "Compute precision (autocast); LoRA weights stay fp32. fp16 uses loss scaling (CUDA or CPU).")
     seed: int = opt(42, "Seed of data order, σ and noise (runs are reproducible, resumes bit-for-bit).")
     device: str = opt("auto", "auto (CUDA when available), cpu, cuda, cuda:1, ...")
     max_consecutive_nonfinite: int = opt(5, "Stop after this many non-finite steps in a row (each is skipped with a warning).")
@@ -473,6 +483,12 @@ class Config:
         _require(d.target_fps > 0, "dataset.target_fps", "must be > 0")
         _require(0.0 <= d.validation_split < 1.0, "dataset.validation_split", "must be in [0, 1)")
         _require("{caption}" in d.caption_template, "dataset.caption_template", "must contain {caption}")
+        _require(0.0 < d.audio_silent_fraction <= 1.0, "dataset.audio_silent_fraction", "must be in (0, 1]")
+        _require(d.audio_near_silent_lufs <= d.audio_quiet_lufs, "dataset.audio_near_silent_lufs",
+                 "must be at most dataset.audio_quiet_lufs (near-silent is quieter than too quiet)")
+        _require(0.0 <= d.audio_clipped_fraction < 1.0, "dataset.audio_clipped_fraction", "must be in [0, 1)")
+        _require(d.audio_min_seconds >= 0, "dataset.audio_min_seconds", "must be >= 0")
+        _require(d.audio_max_early_end_seconds >= 0, "dataset.audio_max_early_end_seconds", "must be >= 0")
         for i, s in enumerate(d.sources):
             _require(s.repeats >= 1, f"dataset.sources[{i}].repeats", "must be >= 1")
             _require(s.caption_extension.startswith("."), f"dataset.sources[{i}].caption_extension", "must start with '.', e.g. '.txt'")

@@ -51,11 +51,21 @@ def save_network(network, path: str | Path, *, config_json: str, base_fingerprin
     return path
 
 
+class AdapterFileError(ValueError):
+    """A file that is not an adapter file at all (empty, not safetensors); the message says so in plain words."""
+
+
 def read_adapter_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"adapter file not found: {path}")
-    with safe_open(str(path), framework="pt") as fh:
-        metadata = fh.metadata() or {}
-        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    if path.stat().st_size == 0:
+        raise AdapterFileError(f"{path} is empty (0 bytes): it is not a LoRA file; train or copy it again")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            metadata = fh.metadata() or {}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except Exception:  # safetensors' own errors ("header too large", ...) name no file and no fix
+        raise AdapterFileError(f"{path} is not a safetensors LoRA file (its header cannot be read: another format, "
+                               "or a truncated copy). Give the .safetensors file the trainer wrote") from None
     return tensors, metadata

@@ -5,6 +5,10 @@ Keys are read with ``formats.parse_lora``, which knows every layout (ComfyUI ``l
 ``lora_down``/``lora_up``, kohya / musubi-tuner ``lora_unet_``, diffusers ``transformer.``, PEFT
 ``base_model.model.``) and every adapter type's suffixes; module paths are the reference (ComfyUI) paths, never
 rebuilt by turning underscores back into dots (``audio_attn1`` has underscores of its own).
+A key that lands on a module is only useful when its tensors have the shapes that module needs: every
+applied module's factors must compose to an update of the layer's ``[out, in]`` shape (LoRA up·down, LoHa's two
+products, LoKr's Kronecker product, DoRA's ``[1, in]`` magnitude), else the file fails with the list of
+mismatches.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 
 from .files import GROUPS, METADATA_PREFIX, module_group, read_adapter_file
 from .formats import ParsedLoRA, comfyui_module, parse_lora, runtime_support
+from .layers import detect_type
 
 _SHOWN = 20
 
@@ -40,6 +45,7 @@ class VerifyReport:
     not_convertible: dict[str, str] = field(default_factory=dict)  # file key → why it cannot be converted or applied
     runtimes: dict[str, dict] = field(default_factory=dict)  # comfyui / diffusers / ltx_core → RuntimeSupport as dict
     notes: list[str] = field(default_factory=list)
+    shape_mismatches: list[str] = field(default_factory=list)  # "module: why its tensors do not fit the layer"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -50,6 +56,8 @@ class VerifyReport:
         line = f"verify {status}: {self.applied_modules} modules applied ({groups or 'none'}), {len(self.unloaded_keys)} keys not loaded"
         if self.missing_groups:
             line += f"; trained groups missing from the model: {', '.join(self.missing_groups)}"
+        if self.shape_mismatches:
+            line += f"; {len(self.shape_mismatches)} modules have tensors of the wrong shape for the model"
         return line
 
     def conversion_summary(self) -> str:
@@ -66,6 +74,8 @@ class VerifyReport:
         lines.append("applied modules per group: " + ", ".join(f"{g}={self.by_group[g]}" for g in GROUPS))
         if self.trained_groups:
             lines.append("groups the run trained: " + ", ".join(self.trained_groups))
+        for mismatch in self.shape_mismatches[:20]:
+            lines.append(f"wrong shape: {mismatch}")
         if self.unloaded_keys:
             shown = self.unloaded_keys[:_SHOWN]
             lines.append(f"keys ComfyUI does not load ({len(self.unloaded_keys)}): " + ", ".join(shown)
@@ -86,16 +96,26 @@ class VerifyReport:
 
 
 def verify_report(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
-                  applied_modules: set[str], unloaded_keys: list[str], model_module_paths: set[str] | None = None,
+                  applied_modules: set[str], unloaded_keys: list[str],
+                  model_modules: set[str] | dict[str, tuple[int, int] | None] | None = None,
                   parsed: ParsedLoRA | None = None) -> VerifyReport:
     """The report of an adapter file given what a loader applied as it is: counts per group, the groups the run
-    trained (from the file's metadata) that nothing was applied to; with the model's module paths, also what
-    the file would apply after conversion to our layout, and why the rest cannot be converted."""
+    trained (from the file's metadata) that nothing was applied to; with the model's modules (their reference
+    paths, or ``model_modules(...)``: path → the Linear layer's ``(out, in)``, None for other modules), also what the
+    file would apply after conversion to our layout and why the rest cannot be converted, and, given the shapes,
+    every applied module whose tensors do not fit its layer."""
     by_group = {g: 0 for g in GROUPS}
     for module in applied_modules:
         by_group[module_group(module)] += 1
     trained_groups = json.loads(metadata.get(METADATA_PREFIX + "groups", "[]"))
     missing = [g for g in trained_groups if by_group.get(g, 0) == 0]
+    parsed = parsed if parsed is not None else parse_lora(tensors, metadata)
+    mismatches = []
+    if isinstance(model_modules, dict):
+        for module in sorted(applied_modules):
+            problem = update_shape_problem(parsed.modules.get(module, {}), model_modules.get(module))
+            if problem:
+                mismatches.append(f"{module}: {problem}")
     report = VerifyReport(
         file=str(path),
         total_keys=len(tensors),
@@ -104,17 +124,17 @@ def verify_report(path: str | Path, tensors: dict[str, torch.Tensor], metadata: 
         by_group=by_group,
         trained_groups=trained_groups,
         missing_groups=missing,
-        ok=not unloaded_keys and not missing and bool(applied_modules),
+        ok=not unloaded_keys and not missing and bool(applied_modules) and not mismatches,
+        shape_mismatches=mismatches,
     )
-    parsed = parsed if parsed is not None else parse_lora(tensors, metadata)
     report.layout, report.written_by = parsed.layout, parsed.writers
     report.runtimes = {name: support.to_dict() for name, support in runtime_support(tensors, parse_lora(tensors)).items()}
     report.notes = list(parsed.notes)
     report.not_convertible = dict(parsed.unconvertible)
-    if model_module_paths is not None:
+    if model_modules is not None:
         convertible = {g: 0 for g in GROUPS}
         for module_path, module_tensors in parsed.modules.items():
-            if module_path in model_module_paths:
+            if module_path in model_modules:
                 convertible[module_group(module_path)] += 1
             else:
                 for suffix in module_tensors:
@@ -124,18 +144,72 @@ def verify_report(path: str | Path, tensors: dict[str, torch.Tensor], metadata: 
     return report
 
 
-def verify_lora_keys(path: str | Path, model_module_paths: set[str]) -> VerifyReport:
-    """Check a LoRA file against the reference module paths of a model (the headless check; the ComfyUI node runs
-    ComfyUI's own key map for the as-is part). A key loads as it is when ComfyUI's key map holds its name
-    (``formats.comfyui_module``) and its module exists in the model with complete factors."""
+def update_shape_problem(factors: dict[str, torch.Tensor], layer: tuple[int, int] | None) -> str | None:
+    """Why one module's tensors (suffix → tensor) do not make an update of the layer's ``(out, in)`` shape, or
+    None when they do. Only shapes are read: nothing is computed."""
+    if layer is None:
+        return "the model has no Linear layer there"
+    shapes = {suffix: tuple(t.shape) for suffix, t in factors.items()}
+    listed = ", ".join(f"{suffix.lstrip('.')} {list(shape)}" for suffix, shape in sorted(shapes.items()) if suffix != ".alpha")
+    if ".alpha" in shapes and factors[".alpha"].numel() != 1:
+        return f"alpha has {factors['.alpha'].numel()} values, not one"
+    if any(len(shape) != 2 for suffix, shape in shapes.items() if suffix != ".alpha"):
+        return f"factors must be matrices ({listed})"
+    try:
+        kind = detect_type(set(shapes))
+        if kind in ("lora", "dora"):
+            (rank, inner), (out, rank_up) = shapes[".lora_down.weight"], shapes[".lora_up.weight"]
+            update = (out, inner) if rank == rank_up else None
+        elif kind == "loha":
+            products = []
+            for w in ("1", "2"):
+                (out, rank_a), (rank_b, inner) = shapes[f".hada_w{w}_a"], shapes[f".hada_w{w}_b"]
+                products.append((out, inner) if rank_a == rank_b else None)
+            update = products[0] if products[0] == products[1] else None
+        else:  # lokr
+            (a, c) = shapes[".lokr_w1"]
+            if ".lokr_w2" in shapes:
+                (b, d) = shapes[".lokr_w2"]
+            else:
+                (b, rank), (rank_b, d) = shapes[".lokr_w2_a"], shapes[".lokr_w2_b"]
+                if rank != rank_b:
+                    return f"the factors do not multiply ({listed})"
+            update = (a * b, c * d)
+    except (KeyError, ValueError) as exc:
+        return f"incomplete or unknown adapter tensors ({listed}): {exc}"
+    if update is None:
+        return f"the factors do not multiply ({listed})"
+    if update != tuple(layer):
+        return f"{listed} give a {list(update)} update but the layer is {list(layer)} (another model or size?)"
+    if kind == "dora" and shapes[".dora_scale"] != (1, layer[1]):
+        return f"dora_scale is {list(shapes['.dora_scale'])}, the layer needs [1, {layer[1]}]"
+    return None
+
+
+def model_modules(module, reference_path=lambda name: name) -> dict[str, tuple[int, int] | None]:
+    """Every named module of ``module`` by its reference path (``reference_path`` maps a runtime's own names), with
+    the Linear layers' ``(out, in)`` for the shape check (None for the other modules)."""
+    shapes = {}
+    for name, sub in module.named_modules():
+        if name:
+            weight = getattr(sub, "weight", None)
+            shapes[reference_path(name)] = tuple(weight.shape) if isinstance(weight, torch.Tensor) and weight.ndim == 2 else None
+    return shapes
+
+
+def verify_lora_keys(path: str | Path, model_modules: set[str] | dict[str, tuple[int, int] | None]) -> VerifyReport:
+    """Check a LoRA file against a model's modules (the headless check; the ComfyUI node runs ComfyUI's own key map
+    for the as-is part). A key loads as it is when ComfyUI's key map holds its name (``formats.comfyui_module``) and
+    its module exists in the model with complete factors; given the layers' shapes (``model_modules``), the applied
+    modules' tensors must fit them too."""
     tensors, metadata = read_adapter_file(path)
     parsed = parse_lora(tensors, metadata)
     applied: set[str] = set()
     unloaded: list[str] = []
     for key in sorted(tensors):
         module = comfyui_module(key)
-        if module is not None and module in model_module_paths and module in parsed.modules:
+        if module is not None and module in model_modules and module in parsed.modules:
             applied.add(module)
         else:
             unloaded.append(key)
-    return verify_report(path, tensors, metadata, applied, unloaded, model_module_paths, parsed)
+    return verify_report(path, tensors, metadata, applied, unloaded, model_modules, parsed)

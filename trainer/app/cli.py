@@ -65,15 +65,36 @@ def cmd_cache(args) -> int:
     config = _load_config(args)
     summary = run_cache_command(config, decode=args.decode, quiet=args.quiet)
     _write_json(args.json, summary)
-    return 0 if summary["failed"] == 0 else 1
+    if summary["stopped_by"]:
+        from ..training.stopping import exit_code_for
+
+        print(f"stopped by {summary['stopped_by']}: the {summary['video_encoded']} items encoded so far are kept in "
+              f"{summary['cache_dir']}; run the same command again to encode the rest", file=sys.stderr)
+        return exit_code_for(summary["stopped_by"])
+    if summary["entries"] == 0:
+        print(f"error: nothing usable was cached ({summary['failed']} of {summary['items']} items failed; "
+              "their reasons are above): fix the files or run `doctor`", file=sys.stderr)
+        return 1
+    # Failed items are named above; they fail the command only when asked (as doctor --strict does).
+    return 1 if args.strict and summary["failures"] else 0
 
 
 def cmd_train(args) -> int:
     from .pipeline import run_train_command
 
+    if args.resume and args.no_resume:
+        raise UserError("--resume and --no-resume contradict each other: give one of them")
     config = _load_config(args)
     report = run_train_command(config, resume=args.resume, no_resume=args.no_resume, quiet=args.quiet)
     _write_json(args.json, report)
+    if report.get("stopped_by"):
+        from ..training.stopping import exit_code_for
+
+        state = report["files"]["state"]
+        saved = f"resumable state saved in {state}" if state else "nothing trained yet, nothing saved"
+        print(f"stopped by {report['stopped_by']} after step {report['steps']}: {saved}; run the same command again "
+              "to continue", file=sys.stderr)
+        return exit_code_for(report["stopped_by"])
     return 0
 
 
@@ -111,15 +132,23 @@ def cmd_score(args) -> int:
         reference = VoiceReference.from_dataset(_load_config(args).dataset)
     if args.save_reference:
         reference.save(args.save_reference)
-    rows = []
+    rows, failures = [], []
     for path in args.files:
-        score = score_file(path, reference)
+        # Each file on its own: one that cannot be scored is named with its reason and the rest are still scored.
+        try:
+            score = score_file(path, reference)
+        except Exception as exc:
+            failures.append({"file": str(path), "error": str(exc)})
+            print(f"error: {path}: {exc}", file=sys.stderr)
+            continue
         rows.append({"file": str(path), **score.to_dict()})
         note = "" if score.speech_detected else "  (no speech detected: the score means little)"
         print(f"{score.similarity:.3f}  {path}{note}")
     print(f"reference: {reference.typical_similarity:.3f} is how the dataset's own clips score against it")
-    _write_json(args.json, {"reference_typical": reference.typical_similarity, "scores": rows})
-    return 0
+    _write_json(args.json, {"reference_typical": reference.typical_similarity, "scores": rows, "failures": failures})
+    if failures:
+        print(f"error: {len(failures)} of {len(args.files)} files could not be scored (named above)", file=sys.stderr)
+    return 1 if failures else 0
 
 
 def cmd_report(args) -> int:
@@ -166,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("cache", help="encode video/audio latents and text once, reuse them while inputs are unchanged")
     p.add_argument("--decode", action="store_true", help="also write decoded audio (wav) and a video preview per item, with round-trip scores")
+    p.add_argument("--strict", action="store_true", help="exit non-zero when any item (or any clip's audio) could not be cached")
     common(p)
     p.set_defaults(func=cmd_cache)
 
@@ -233,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: resumable state was saved; run the same command again to continue", file=sys.stderr)
+        # train and cache stop on Ctrl-C themselves and say what they kept; this is any other moment.
+        print("interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # last resort: still one clear line, the traceback only on request
         if _is_reported_error(exc):
@@ -247,12 +278,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _is_reported_error(exc: Exception) -> bool:
     """Errors whose message already says what is wrong and what to do."""
+    from ..adapters.files import AdapterFileError
+    from ..data.cache import CacheError
     from ..data.media.probe import MediaError
     from ..evaluation.report_html import ReportError
     from ..evaluation.voice_score import VoiceScoreError
     from ..training.loop import TrainingError
 
-    return isinstance(exc, (TrainingError, MediaError, ReportError, VoiceScoreError))
+    return isinstance(exc, (TrainingError, MediaError, ReportError, VoiceScoreError, CacheError, AdapterFileError))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ the very same steps on ComfyUI's MODEL/VAE/CLIP and the CLI on the diffusers bac
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -12,7 +13,7 @@ from typing import Callable
 import torch
 
 from ..adapters.files import module_group
-from ..adapters.verify import verify_lora_keys
+from ..adapters.verify import model_modules, verify_lora_keys
 from ..config import Config, ConfigError
 from ..data.cache import build_cache, load_training_samples, prepare_for_cache
 from ..data.dataset import enumerate_dataset
@@ -20,6 +21,7 @@ from ..data.doctor import run_doctor
 from ..data.media.probe import MediaError
 from ..io_utils import atomic_write_json
 from ..training.loop import CallbackList, TrainCallbacks, Trainer, TrainResult
+from ..training.stopping import StopRequest, stop_on_signals
 from .console import ConsoleTraining, Progress
 
 
@@ -78,10 +80,11 @@ def _require_sources(config: Config) -> None:
 
 
 def cache_dataset(config: Config, encoders, *, quiet: bool = False, decode: bool = False, warn=None,
-                  on_item: Callable[[int, int], None] | None = None) -> dict:
-    """Encode the dataset into the cache; prints ``Audio latent caching: N encoded, M failed`` and returns
-    the cache summary (the contract's totals plus failures). ``decode`` also writes previews.
-    ``on_item(done, total)`` reports progress (ComfyUI's progress bar)."""
+                  on_item: Callable[[int, int], None] | None = None, stop: StopRequest | None = None) -> dict:
+    """Encode the dataset into the cache; prints ``Audio latent caching: N encoded, M failed`` and the item
+    counts, and returns the cache summary (the contract's totals plus failures). ``decode`` also writes
+    previews. ``on_item(done, total)`` reports progress (ComfyUI's progress bar); ``stop`` ends the run between
+    two items, keeping what was finished."""
     _require_sources(config)
     items = enumerate_dataset(config.dataset)
     cache_dir = cache_dir_of(config)
@@ -98,23 +101,26 @@ def cache_dataset(config: Config, encoders, *, quiet: bool = False, decode: bool
             on_item(index + 1, len(items))
 
     summary = build_cache(config, items, encoders, lambda item: prepare_for_cache(item, config), cache_dir,
-                          on_item=item_done, warn=on_warn)
-    result = {**summary.totals(), "failed": summary.failed, "entries": summary.entries, "failures": summary.failures,
-              "cache_dir": str(cache_dir), "warnings": warnings}
-    if decode:
+                          on_item=item_done, warn=on_warn, stop=stop)
+    result = {**summary.totals(), "failed": summary.failed, "entries": summary.entries, "items": summary.items,
+              "failures": summary.failures, "stopped_by": summary.stopped_by, "cache_dir": str(cache_dir),
+              "warnings": warnings}
+    if decode and summary.stopped_by is None:
         from ..evaluation.previews import write_cache_previews
 
         result["previews"] = write_cache_previews(config, encoders, cache_dir, progress=progress)
     atomic_write_json(cache_dir / "cache_report.json", result)
     _echo(summary.console_line(), quiet)
+    _echo(summary.items_line(), quiet)
     _echo(json.dumps(summary.totals()), quiet)
     return result
 
 
 def run_cache_command(config: Config, *, decode: bool = False, quiet: bool = False) -> dict:
     encoders = build_headless_encoders(config)
-    with torch.no_grad():
-        return cache_dataset(config, encoders, quiet=quiet, decode=decode)
+    # Ctrl-C / SIGTERM stop between two items; every finished entry is already in the cache's journal.
+    with torch.no_grad(), stop_on_signals(StopRequest(), announce=_announce) as stop:
+        return cache_dataset(config, encoders, quiet=quiet, decode=decode, stop=stop)
 
 
 # ---- train ----------------------------------------------------------------------------------------
@@ -134,14 +140,17 @@ def load_samples_for_training(config: Config, *, quiet: bool = False):
 
 def train_from_cache(config: Config, denoiser, *, encoders=None, callbacks: TrainCallbacks | None = None,
                      resume: str | None = None, no_resume: bool = False, until_step: int | None = None,
-                     quiet: bool = False) -> TrainResult:
+                     quiet: bool = False, stop: StopRequest | None = None) -> TrainResult:
     """Train from the cache folder alone. ``encoders`` (the ones that built the cache) provide what some
     options need: the encoded silence (audio.missing_audio), the preservation prompts' contexts, the text
-    connectors (network.connectors) and validation samples with voice scores."""
+    connectors (network.connectors) and validation samples with voice scores. ``stop``: requesting it stops the
+    run at the next step boundary with a resumable state (``result.stopped_by`` says why)."""
+    if resume and no_resume:
+        raise ConfigError("--resume and --no-resume contradict each other: give one of them")
     samples = load_samples_for_training(config, quiet=quiet)
     extras = trainer_inputs(config, encoders, quiet=quiet)
     sampler = validation_sampler(config, encoders, quiet=quiet)
-    trainer = Trainer(config, denoiser, samples, config.output.dir, CallbackList(callbacks, sampler), **extras)
+    trainer = Trainer(config, denoiser, samples, config.output.dir, CallbackList(callbacks, sampler), stop=stop, **extras)
     try:
         if resume or (not no_resume and config.output.resume == "auto"):
             trainer.try_resume(resume)
@@ -240,6 +249,7 @@ def write_run_report(config: Config, result: TrainResult, trainer: Trainer) -> d
         "config": config.to_dict(),
         "steps": result.step,
         "completed": result.completed,
+        "stopped_by": result.stopped_by,
         "resumed_from": result.resumed_from,
         "final_loss_video": result.final_loss_video,
         "final_loss_audio": result.final_loss_audio,
@@ -248,7 +258,9 @@ def write_run_report(config: Config, result: TrainResult, trainer: Trainer) -> d
         "adapted_modules": len(trainer.network.paths),
         "adapted_groups": sorted({module_group(p) for p in trainer.network.paths.values()}),
         "with_audio": trainer.with_audio,
-        "files": {"lora": lora_files, "state": str(result.state_path) if result.state_path else None,
+        # "final_lora" is the LoRA of "steps" (also when a resume found nothing left to train).
+        "files": {"lora": lora_files, "final_lora": str(result.lora_path) if result.lora_path else None,
+                  "state": str(result.state_path) if result.state_path else None,
                   "metrics": str(result.run_dir / "metrics.jsonl")},
         "warnings": result.warnings,
     }
@@ -261,20 +273,28 @@ def run_train_command(config: Config, *, resume: str | None = None, no_resume: b
     encoders = build_headless_encoders(config)
     tensorboard = Path(config.output.dir) / "tensorboard" if config.logging.tensorboard else None
     callbacks = ConsoleTraining(quiet=quiet or config.logging.quiet, tensorboard_dir=tensorboard)
-    result = train_from_cache(config, denoiser, encoders=encoders, callbacks=callbacks, resume=resume, no_resume=no_resume,
-                              quiet=quiet)
+    # Ctrl-C and SIGTERM stop at the next step boundary (a second one at once, keeping the last completed step).
+    with stop_on_signals(StopRequest(), announce=_announce) as stop:
+        result = train_from_cache(config, denoiser, encoders=encoders, callbacks=callbacks, resume=resume,
+                                  no_resume=no_resume, quiet=quiet, stop=stop)
     return json.loads((result.run_dir / "report.json").read_text(encoding="utf-8"))
+
+
+def _announce(message: str) -> None:
+    # Called from a signal handler: one unbuffered write, no print() (its buffer may be in use).
+    os.write(2, (message + "\n").encode())
 
 
 # ---- verify ---------------------------------------------------------------------------------------
 
 
-def model_module_paths(config: Config) -> set[str]:
-    """The reference module paths of the run's model (what a LoRA's keys are checked against)."""
+def model_module_paths(config: Config) -> dict[str, tuple[int, int] | None]:
+    """The reference module paths of the run's model (what a LoRA's keys are checked against), with the Linear
+    layers' ``(out, in)`` (the shape check)."""
     from ..backends.diffusers_backend import diffusers_to_reference_path
 
     denoiser = build_headless_denoiser(config)
-    return {diffusers_to_reference_path(name) for name, _ in denoiser.module.named_modules() if name}
+    return model_modules(denoiser.module, diffusers_to_reference_path)
 
 
 def run_verify_command(config: Config, lora: Path):

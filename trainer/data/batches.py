@@ -4,6 +4,7 @@ dropout, audio truncation). Which samples form each batch is ``batch_sampler.py`
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -52,6 +53,38 @@ class LatentSample:
 
 def _shape(tensor: torch.Tensor | None) -> tuple | None:
     return None if tensor is None else tuple(tensor.shape)
+
+
+def content_digest(samples: list[LatentSample]) -> str:
+    """A digest of what a run trains on, in training order: every sample's tensors (latents, valid audio length,
+    text context and features), frame rate and loss weights. File names, paths and ids do not enter it, so the
+    same items re-encoded identically (another cache folder, a moved dataset, a repaired entry) give the same
+    digest; any change in content or order gives another."""
+    per_object: dict[int, str] = {}
+    total = hashlib.blake2b(digest_size=16)
+    for sample in samples:
+        key = id(sample)  # repeats are the same object several times: hashed once
+        if key not in per_object:
+            per_object[key] = _sample_digest(sample)
+        total.update(per_object[key].encode())
+    return total.hexdigest()
+
+
+def _sample_digest(sample: LatentSample) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    text = [sample.text.video, sample.text.audio, sample.text.mask]
+    features = [] if sample.text_features is None else [sample.text_features.video, sample.text_features.audio,
+                                                          sample.text_features.mask]
+    for tensor in [sample.video, sample.audio, *text, *features]:
+        if tensor is None:
+            h.update(b"none")
+            continue
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{flat.dtype}{list(tensor.shape)}".encode())
+        h.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+    h.update(repr((sample.audio_valid_frames, sample.fps, sample.video_loss_weight, sample.audio_loss_weight,
+                   sample.is_validation)).encode())
+    return h.hexdigest()
 
 
 @dataclass

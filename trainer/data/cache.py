@@ -12,12 +12,20 @@ The training modes add to an entry: an audio source's item stores the all-zero s
 (``audio_only.py``) instead of an encoded picture; an IC-LoRA reference (``reference_video_latent``) and
 ID-LoRA reference audio (``reference_audio_latent``) are encoded once with the item, and the reference
 file's bytes and settings are part of the entry's fingerprint.
+
+No finished work is lost: each entry is appended to ``manifest.journal`` (one fsynced JSON line) as soon
+as its file is written, and the journal is folded into ``manifest.json`` when a run ends; a run stopped or
+killed in between leaves every finished entry for the next one to reuse. Every file the manifest names
+must be a plain file name inside the cache folder: a manifest that points elsewhere is refused, never
+followed (no read or delete outside the folder).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -28,14 +36,21 @@ from safetensors import safe_open
 
 from ..backends.interface import AUDIO_SAMPLE_RATE, TextContext
 from ..config import Config, ConfigError
-from ..io_utils import atomic_write_json, remove_stale_temporaries, save_safetensors_atomic
+from ..io_utils import atomic_write_json, read_jsonl, remove_stale_temporaries, save_safetensors_atomic
 from .audio_only import prepare_audio_only, standin_video_latent
+from .audio_verdict import AudioThresholds, judge_clip_audio
 from .batches import LatentSample
 from .media.timing import prepare_item
 from .reference_media import prepare_reference, prepare_reference_audio
 
 CACHE_FORMAT = 1
 MANIFEST = "manifest.json"
+JOURNAL = "manifest.journal"  # entries finished since manifest.json was last written (JSON lines)
+
+
+class CacheError(ValueError):
+    """A cache folder that cannot be used as it is (a manifest naming files outside it, unknown fields); the
+    message names the file and the fix."""
 VIDEO_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -60,23 +75,77 @@ class CacheEntry:
     reference_shape: list[int] | None = None  # IC-LoRA reference latent [128, Fg, H'/f, W'/f]
     reference_audio_shape: list[int] | None = None  # ID-LoRA reference audio latent [8, Tr, 16]
 
+    @classmethod
+    def from_record(cls, record, where: str) -> "CacheEntry":
+        """An entry read from the manifest or the journal, checked: known fields only, and ``file`` a plain
+        file name (no folder, no ``..``), so nothing outside the cache folder is ever read or deleted."""
+        fix = "the manifest was altered or written by another program: delete it (and manifest.journal) to rebuild the cache"
+        if not isinstance(record, dict):
+            raise CacheError(f"{where}: an entry is not a JSON object; {fix}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(record) - known)
+        if unknown:
+            raise CacheError(f"{where}: entry {record.get('id', '?')!r} has unknown field {unknown[0]!r}; {fix}")
+        missing = sorted(f.name for f in dataclasses.fields(cls)
+                         if f.default is dataclasses.MISSING and f.name not in record)
+        if missing:
+            raise CacheError(f"{where}: entry {record.get('id', '?')!r} lacks {', '.join(missing)}; {fix}")
+        name = record["file"]
+        if not isinstance(name, str) or not _is_plain_name(name):
+            raise CacheError(f"{where}: entry {record.get('id', '?')!r} names {name!r}, which is not a file inside the "
+                             f"cache folder; {fix}")
+        return cls(**record)
+
+
+def _is_plain_name(name: str) -> bool:
+    return bool(name) and name not in (".", "..") and Path(name).name == name and "\\" not in name \
+        and not Path(name).is_absolute() and not name.startswith("~")
+
+
+def entry_path(cache_dir: str | Path, entry: CacheEntry) -> Path:
+    """The entry's file, always inside ``cache_dir`` (``from_record`` refused any other name)."""
+    folder = Path(cache_dir).resolve()
+    path = (folder / entry.file).resolve()
+    if path.parent != folder:
+        raise CacheError(f"{Path(cache_dir) / MANIFEST}: entry {entry.id!r} names {entry.file!r}, outside the cache folder")
+    return path
+
 
 @dataclass
 class CacheSummary:
+    """What one ``cache`` run did and what the cache now holds for the dataset.
+
+    ``video_encoded`` / ``audio_encoded``: items encoded by this run (with audio). ``reused``: entries kept as
+    they were. ``invalidated``: entries replaced because their input changed or their file was broken. ``failed``:
+    items not in the cache at all (their reasons in ``failures``). ``audio_failed``: items that should carry audio
+    (video clips of an audio run) but have none in the cache now, failed items included, whether this run or an
+    earlier one decided it; every one of them has a record in ``failures``. ``stopped_by``: set when the run was
+    stopped before the last item (what was finished is kept)."""
+
     video_encoded: int = 0
     audio_encoded: int = 0
     audio_failed: int = 0
     reused: int = 0
     invalidated: int = 0
     failed: int = 0
-    failures: list[dict] = field(default_factory=list)  # {path, reason}
+    failures: list[dict] = field(default_factory=list)  # {path, reason, kind: "item" | "audio", reused}
     entries: int = 0
+    items: int = 0
+    stopped_by: str | None = None
 
     def totals(self) -> dict:
         return {k: getattr(self, k) for k in ("video_encoded", "audio_encoded", "audio_failed", "reused", "invalidated")}
 
     def console_line(self) -> str:
         return f"Audio latent caching: {self.audio_encoded} encoded, {self.audio_failed} failed"
+
+    def items_line(self) -> str:
+        """The second console line: every item accounted for (encoded + reused + failed = items)."""
+        line = (f"Cache: {self.items} items: {self.video_encoded} encoded, {self.reused} reused, {self.failed} not cached"
+                f" ({self.entries} entries in the cache)")
+        if self.stopped_by:
+            line += f"; stopped by {self.stopped_by} before the rest (finished entries are kept: run cache again)"
+        return line
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -95,21 +164,43 @@ def entry_fingerprint(parts: dict) -> str:
 
 
 def read_manifest(cache_dir: str | Path) -> dict:
+    """The manifest with the journal of an unfinished run folded in (a journal entry replaces the manifest's
+    entry of the same id), every entry checked by ``CacheEntry.from_record``."""
     path = Path(cache_dir) / MANIFEST
-    if not path.is_file():
-        return {"format": CACHE_FORMAT, "entries": []}
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: the cache manifest is not valid JSON ({exc}); delete it to rebuild the cache") from None
-    if manifest.get("format") != CACHE_FORMAT:
-        return {"format": CACHE_FORMAT, "entries": []}  # an older layout: everything is re-encoded
-    return manifest
+    manifest: dict = {"format": CACHE_FORMAT, "entries": []}
+    if path.is_file():
+        try:
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CacheError(f"{path}: the cache manifest is not valid JSON ({exc}); delete it to rebuild the cache") from None
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("entries", []), list):
+            raise CacheError(f"{path}: the cache manifest is not a manifest of this trainer; delete it to rebuild the cache")
+        if manifest.get("format") != CACHE_FORMAT:
+            manifest = {"format": CACHE_FORMAT, "entries": []}  # an older layout: everything is re-encoded
+    entries = {}
+    for record in manifest.get("entries", []):
+        entry = CacheEntry.from_record(record, str(path))
+        entries[entry.id] = entry
+    for record in read_jsonl(Path(cache_dir) / JOURNAL):
+        entry = CacheEntry.from_record(record, str(Path(cache_dir) / JOURNAL))
+        entries[entry.id] = entry
+    return {**manifest, "entries": [asdict(e) for e in entries.values()]}
+
+
+def _journal(cache_dir: Path, entry: CacheEntry) -> None:
+    """Append one finished entry to the journal, fsynced; a line torn by a kill is closed first."""
+    path = cache_dir / JOURNAL
+    with open(path, "ab") as fh:
+        if fh.tell() and path.read_bytes()[-1:] != b"\n":
+            fh.write(b"\n")
+        fh.write((json.dumps(asdict(entry)) + "\n").encode("utf-8"))
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def validate_entry(cache_dir: str | Path, entry: CacheEntry, expect_audio: bool) -> list[str]:
     """Problems with one cached file, read from its header and tensors; empty when it can be used."""
-    path = Path(cache_dir) / entry.file
+    path = entry_path(cache_dir, entry)
     if not path.is_file():
         return [f"{path}: file missing"]
     problems = []
@@ -159,7 +250,7 @@ def validate_entry(cache_dir: str | Path, entry: CacheEntry, expect_audio: bool)
 def load_entry(cache_dir: str | Path, entry: CacheEntry) -> LatentSample:
     from ..backends.text_connectors import TextFeatures
 
-    path = Path(cache_dir) / entry.file
+    path = entry_path(cache_dir, entry)
     with safe_open(str(path), framework="pt") as fh:
         audio = fh.get_tensor("audio_latent") if entry.has_audio else None
         features = None
@@ -187,7 +278,7 @@ def load_entry(cache_dir: str | Path, entry: CacheEntry) -> LatentSample:
 
 
 def manifest_entries(cache_dir: str | Path) -> list[CacheEntry]:
-    return [CacheEntry(**e) for e in read_manifest(cache_dir)["entries"]]
+    return [CacheEntry.from_record(e, str(Path(cache_dir) / MANIFEST)) for e in read_manifest(cache_dir)["entries"]]
 
 
 def load_training_samples(cache_dir: str | Path, *, expect_audio: bool, validation: bool = False) -> tuple[list[LatentSample], list[str]]:
@@ -228,14 +319,26 @@ def prepare_for_cache(item, config: Config) -> PreparedItem:
     """Decode and time one dataset item with the media layer, as tensors for the encoders."""
     if getattr(item, "is_audio_only", False):
         sound = prepare_audio_only(item.media_path, config.dataset, audio_index=item.audio_stream)
+        # The sound is all an audio-only item teaches: without voice supervision there is nothing to train.
+        verdict = judge_clip_audio(sound.audio, sound.valid_samples, AUDIO_SAMPLE_RATE,
+                                   AudioThresholds.from_dataset(config.dataset))
+        if not verdict.supervises_voice:
+            raise ValueError(f"{item.media_path}: {verdict.reason}; an audio-only item needs sound to train on: "
+                             "replace or remove the file")
         return PreparedItem(frames=None, fps=sound.fps, audio=torch.from_numpy(np.ascontiguousarray(sound.audio)),
                             audio_valid_samples=sound.valid_samples, audio_only_frames=sound.frames)
     clip = prepare_item(item, config.dataset, seed=config.train.seed)
     audio = None if clip.audio is None else torch.from_numpy(np.ascontiguousarray(clip.audio))
     # prepare_clip raises MediaError for audio that exists but cannot be decoded; None means no audio stream.
     problem = "no audio stream" if audio is None and not item.is_image and config.dataset.with_audio else None
+    if audio is not None:
+        # The doctor's verdict on the same span: silent, near-silent or too little sound is no voice supervision.
+        verdict = judge_clip_audio(clip.audio, clip.audio_valid_samples, clip.sample_rate,
+                                   AudioThresholds.from_dataset(config.dataset))
+        if not verdict.supervises_voice:
+            audio, problem = None, verdict.reason
     return PreparedItem(frames=torch.from_numpy(np.ascontiguousarray(clip.frames)), fps=clip.fps, audio=audio,
-                        audio_valid_samples=clip.audio_valid_samples, audio_problem=problem)
+                        audio_valid_samples=clip.audio_valid_samples if audio is not None else 0, audio_problem=problem)
 
 
 def build_cache(
@@ -247,76 +350,114 @@ def build_cache(
     *,
     on_item: Callable[[int, str], None] | None = None,
     warn: Callable[[str], None] = print,
+    stop=None,
 ) -> CacheSummary:
     """Encode what changed, reuse what did not, drop what left the dataset. ``items`` are dataset
-    items (``dataset.DatasetItem``); ``prepare`` decodes and times one item."""
+    items (``dataset.DatasetItem``); ``prepare`` decodes and times one item. Every finished entry is in the
+    journal at once. ``stop`` (a ``training.stopping.StopRequest``: Ctrl-C, SIGTERM) is asked between items; a
+    stopped run keeps what it finished and the entries it had not reached yet. One bad item fails only itself."""
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(cache_dir)
     old = {e["id"]: CacheEntry(**e) for e in read_manifest(cache_dir)["entries"]}
     expect_audio = config.dataset.with_audio
     encoder_fp = encoders.fingerprint()
-    summary = CacheSummary()
-    entries: list[CacheEntry] = []
+    summary = CacheSummary(items=len(items))
+    entries: dict[str, CacheEntry] = {}
     for index, item in enumerate(items):
+        if stop is not None and stop.should_stop():
+            summary.stopped_by = stop.reason
+            break
         item_id = _item_id(item)
-        fingerprint = entry_fingerprint(
-            {
-                "format": CACHE_FORMAT,
-                "media": content_hash(item.media_path),
-                "audio": content_hash(item.audio_path) if item.audio_path else None,
-                "encoders": encoder_fp,
-                "model_version": config.model.version,
-                "caption": item.caption,
-                "geometry": [config.dataset.width, config.dataset.height, config.dataset.frames, config.dataset.frame_buckets,
-                             config.dataset.resolution_buckets, config.dataset.crop, config.dataset.allow_upscale],
-                "timing": [config.dataset.target_fps, getattr(item, "fps_override", 0.0), getattr(config.dataset, "retime", "resample")],
-                "audio_params": [AUDIO_SAMPLE_RATE, 2, expect_audio, getattr(item, "audio_stream", 0)],
-                "video_dtype": config.cache.video_dtype,
-                # Connector training needs the connectors' inputs cached too.
-                "text_features": config.network.connectors != "off",
-                **_mode_fingerprint(item, config),
-            }
-        )
-        previous = old.get(item_id)
-        if previous is not None and previous.fingerprint == fingerprint:
-            problems = validate_entry(cache_dir, previous, expect_audio)
-            if not problems:
-                _refresh_weights(previous, item)
-                entries.append(previous)
-                summary.reused += 1
-                if on_item:
-                    on_item(index, f"reused {item_id}")
-                continue
-            warn(f"cache entry for {item.media_path} is invalid and will be re-encoded: {'; '.join(problems)}")
-            summary.invalidated += 1
-        elif previous is not None:
-            summary.invalidated += 1
+        entry = None
         try:
-            entry = _encode_item(config, item, item_id, fingerprint, encoders, prepare, cache_dir, summary, warn)
+            fingerprint = _fingerprint(config, item, encoder_fp)
+            previous = old.get(item_id)
+            if previous is not None and previous.fingerprint == fingerprint:
+                problems = validate_entry(cache_dir, previous, expect_audio)
+                if not problems:
+                    _refresh_weights(previous, item)
+                    entry, note = previous, f"reused {item_id}"
+                    summary.reused += 1
+                else:
+                    warn(f"cache entry for {item.media_path} is invalid and will be re-encoded: {'; '.join(problems)}")
+                    summary.invalidated += 1
+            elif previous is not None:
+                summary.invalidated += 1
+            if entry is None:
+                _require_usable_caption(item)
+                entry, note = _encode_item(config, item, item_id, fingerprint, encoders, prepare, cache_dir, summary), f"encoded {item_id}"
+                _journal(cache_dir, entry)
         except ConfigError:
             raise  # a setting problem, not a bad file: stop and say so
         except Exception as exc:  # one bad file never stops the rest; it is named with its reason
             summary.failed += 1
-            if expect_audio:
-                summary.audio_failed += 1
-            summary.failures.append({"path": str(item.media_path), "reason": str(exc)})
+            summary.failures.append({"path": str(item.media_path), "reason": str(exc), "kind": "item", "reused": False,
+                                     "audio_expected": expect_audio and not getattr(item, "is_image", False)})
             warn(f"{item.media_path}: not cached: {exc}")
-            if on_item:
-                on_item(index, f"failed {item_id}")
-            continue
-        entries.append(entry)
+            note = f"failed {item_id}"
+        if entry is not None:
+            entries[item_id] = entry
+            if expect_audio and not entry.has_audio and not getattr(item, "is_image", False):
+                reason = entry.audio_problem or "no audio"
+                summary.failures.append({"path": str(item.audio_path or item.media_path), "reason": f"audio: {reason}",
+                                         "kind": "audio", "reused": note.startswith("reused"), "audio_expected": True})
+                if not note.startswith("reused"):
+                    warn(f"{item.audio_path or item.media_path}: audio not cached ({reason}); the clip trains audio-free")
         if on_item:
-            on_item(index, f"encoded {item_id}")
-    # Files of items that left the dataset are removed with their manifest entries.
-    keep = {e.file for e in entries}
-    for entry in old.values():
-        if entry.file not in keep:
-            (cache_dir / entry.file).unlink(missing_ok=True)
+            on_item(index, note)
+    # Items that every run should carry audio for and that have none now: failed items and audio-free entries.
+    summary.audio_failed = sum(1 for f in summary.failures if f["audio_expected"])
+    if summary.stopped_by is None:
+        # Files of items that left the dataset are removed with their manifest entries (inside the folder only).
+        keep = {e.file for e in entries.values()}
+        for entry in old.values():
+            if entry.file not in keep:
+                entry_path(cache_dir, entry).unlink(missing_ok=True)
+        final = list(entries.values())
+    else:
+        final = list(entries.values()) + [e for key, e in old.items() if key not in entries]
     atomic_write_json(cache_dir / MANIFEST, {"format": CACHE_FORMAT, "model_version": config.model.version,
-                                              "encoder_fingerprint": encoder_fp, "entries": [asdict(e) for e in entries]})
-    summary.entries = len(entries)
+                                              "encoder_fingerprint": encoder_fp, "entries": [asdict(e) for e in final]})
+    (cache_dir / JOURNAL).unlink(missing_ok=True)  # folded into the manifest just written
+    summary.entries = len(final)
     return summary
+
+
+def _fingerprint(config: Config, item, encoder_fp: str) -> str:
+    """Everything an entry depends on (inside the per-item error handling: a path that is no file fails its item)."""
+    for path in (item.media_path, item.audio_path):
+        if path is not None and not Path(path).is_file():
+            raise ValueError(f"{path} is not a file (a folder or missing): point the dataset at media files")
+    return entry_fingerprint(
+        {
+            "format": CACHE_FORMAT,
+            "media": content_hash(item.media_path),
+            "audio": content_hash(item.audio_path) if item.audio_path else None,
+            "encoders": encoder_fp,
+            "model_version": config.model.version,
+            "caption": item.caption,
+            "geometry": [config.dataset.width, config.dataset.height, config.dataset.frames, config.dataset.frame_buckets,
+                         config.dataset.resolution_buckets, config.dataset.crop, config.dataset.allow_upscale]
+            # A random crop is drawn from the seed: another seed is another crop.
+            + ([config.train.seed] if config.dataset.crop == "random" else []),
+            "timing": [config.dataset.target_fps, getattr(item, "fps_override", 0.0), getattr(config.dataset, "retime", "resample")],
+            "audio_params": [AUDIO_SAMPLE_RATE, 2, config.dataset.with_audio, getattr(item, "audio_stream", 0)],
+            # The audio verdict decides whether a clip's sound is cached as supervision.
+            "audio_verdict": dataclasses.astuple(AudioThresholds.from_dataset(config.dataset)),
+            "video_dtype": config.cache.video_dtype,
+            # Connector training needs the connectors' inputs cached too.
+            "text_features": config.network.connectors != "off",
+            **_mode_fingerprint(item, config),
+        }
+    )
+
+
+def _require_usable_caption(item) -> None:
+    """A caption that cannot be read as text (binary, not UTF-8) fails its item: it would be encoded as garbage."""
+    problem = getattr(item, "caption_error", None)
+    if problem:
+        raise ValueError(problem)
 
 
 def _mode_fingerprint(item, config: Config) -> dict:
@@ -362,7 +503,7 @@ def _text_with_features(encoders, caption: str):
 
 
 @torch.no_grad()
-def _encode_item(config, item, item_id, fingerprint, encoders, prepare, cache_dir, summary, warn) -> CacheEntry:
+def _encode_item(config, item, item_id, fingerprint, encoders, prepare, cache_dir, summary) -> CacheEntry:
     prepared = prepare(item)
     if prepared.frames is None:  # an audio source's item: the stand-in ComfyUI's audio generation path uses
         video_latent = standin_video_latent(prepared.audio_only_frames).to(VIDEO_DTYPES[config.cache.video_dtype])
@@ -396,11 +537,6 @@ def _encode_item(config, item, item_id, fingerprint, encoders, prepare, cache_di
     summary.video_encoded += 1
     if has_audio:
         summary.audio_encoded += 1
-    elif config.dataset.with_audio and not getattr(item, "is_image", False):
-        summary.audio_failed += 1
-        reason = audio_problem or "no audio"
-        summary.failures.append({"path": str(item.audio_path or item.media_path), "reason": f"audio: {reason}"})
-        warn(f"{item.audio_path or item.media_path}: audio not cached ({reason}); the clip trains video only")
     return CacheEntry(
         id=item_id, file=file, fingerprint=fingerprint, media=str(item.media_path), caption=item.caption,
         has_audio=has_audio, audio_valid_frames=valid_frames, fps=float(prepared.fps), video_shape=list(video_latent.shape),

@@ -71,6 +71,15 @@ class DatasetItem:
     reference_path: Path | None = None  # IC-LoRA reference video or image
     reference_audio_path: Path | None = None  # ID-LoRA reference audio (a file, or another clip of the speaker)
     reference_audio_stream: int = 0  # the audio stream of reference_audio_path
+    # Caption problems as (severity, code, message): caption_missing / caption_empty (warnings: the item trains on
+    # the trigger alone), caption_not_utf8 / caption_binary (errors: the item is not cached).
+    caption_problems: list[tuple[str, str, str]] = field(default_factory=list)
+
+    @property
+    def caption_error(self) -> str | None:
+        """Why the caption cannot be used as text (the item then fails in the cache), or None."""
+        errors = [message for severity, _, message in self.caption_problems if severity == "error"]
+        return "; ".join(errors) if errors else None
 
 
 @dataclass
@@ -94,24 +103,32 @@ class DatasetScan:
 # --------------------------------------------------------------------------------------------
 
 
-def read_caption(path: Path) -> tuple[str, list[str]]:
-    """(caption text, problems). UTF-8 (a BOM is allowed); other bytes are decoded with replacement
-    characters and reported. Whitespace runs, newlines included, become single spaces."""
+_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f]")  # never in text; \t \n \v \f \r are whitespace
+
+
+def read_caption(path: Path) -> tuple[str, list[tuple[str, str, str]]]:
+    """(caption text, problems as (severity, code, message)). UTF-8 (a BOM is allowed); whitespace runs,
+    newlines included, become single spaces. A file that is not UTF-8 or holds binary bytes is an error: its
+    text would be garbage, so the caption is empty and the item is not cached."""
     if not path.is_file():
-        return "", [f"no caption: {path} does not exist (write the caption there, or the item trains on the "
-                    "trigger alone)"]
+        return "", [("warning", "caption_missing", f"no caption: {path} does not exist (write the caption there, or "
+                                                   "the item trains on the trigger alone)")]
     data = path.read_bytes()
-    problems = []
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        text = data.decode("utf-8", errors="replace")
-        problems.append(f"caption {path} is not valid UTF-8 (byte 0x{data[exc.start]:02x} at position {exc.start}); "
-                        "it was read with replacement characters (\ufffd): re-save the file as UTF-8")
+        return "", [("error", "caption_not_utf8",
+                     f"caption {path} is not valid UTF-8 (byte 0x{data[exc.start]:02x} at position {exc.start}): the "
+                     "item is not cached. Re-save the file as UTF-8")]
+    control = _CONTROL.search(text)
+    if control:
+        return "", [("error", "caption_binary",
+                     f"caption {path} holds binary data (byte 0x{ord(control.group()):02x} at character "
+                     f"{control.start()}), not text: the item is not cached. Write the caption as plain UTF-8 text")]
     text = " ".join(text.split())
     if not text:
-        problems.append(f"caption {path} is empty (the item trains on the trigger alone): write a caption")
-    return text, problems
+        return "", [("warning", "caption_empty", f"caption {path} is empty (the item trains on the trigger alone): write a caption")]
+    return text, []
 
 
 def _trigger_pattern(trigger: str) -> re.Pattern[str]:
@@ -329,15 +346,19 @@ def _make_item(
     is_audio_only = source.kind == "audio" or (source.kind == "jsonl" and entry.media.suffix.lower() in AUDIO_EXTENSIONS)
 
     caption_path = None
+    caption_problems: list[tuple[str, str, str]] = []
     if entry.caption is not None:
         raw = " ".join(entry.caption.split())
-        if not raw:
-            problems.append(f"the caption of {entry.media} in the JSONL is empty (the item trains on the trigger "
-                            "alone): write a caption")
+        if _CONTROL.search(entry.caption):
+            raw = ""
+            caption_problems.append(("error", "caption_binary", f"the caption of {entry.media} in the JSONL holds "
+                                     "control characters, not text: the item is not cached. Write plain text"))
+        elif not raw:
+            caption_problems.append(("warning", "caption_empty", f"the caption of {entry.media} in the JSONL is empty "
+                                     "(the item trains on the trigger alone): write a caption"))
     else:
         caption_path = entry.media.with_suffix(source.caption_extension)
         raw, caption_problems = read_caption(caption_path)
-        problems.extend(caption_problems)
 
     audio_path = entry.audio
     if audio_path is None and not is_image and not is_audio_only:
@@ -370,6 +391,7 @@ def _make_item(
         key=key,
         problems=problems,
         is_audio_only=is_audio_only,
+        caption_problems=caption_problems,
     )
 
 

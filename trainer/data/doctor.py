@@ -6,9 +6,11 @@ peak, clipping, silence, speech) and reports one ``DoctorEntry`` per item with t
 report of the `doctor` command plus a few extras.
 
 Errors make an item unusable (unreadable, truncated, empty, no video, no frames, too short for the
-smallest frame bucket, ...); warnings are worth fixing but the item still trains (no audio, silent,
-clipped, too quiet, audio shorter than the video, variable frame rate, caption problems, duplicates).
-``DoctorEntry.ok`` is true when an item has no error.
+smallest frame bucket, a caption that is not text, ...) or, for the audio verdict (``audio_verdict.py``, the
+one the cache applies: silent, near-silent or too little audio), unusable as voice supervision: such a clip
+is cached audio-free. Warnings are worth fixing but the item still trains (no audio, clipped, too quiet,
+audio ending early, variable frame rate, missing or empty captions, duplicates). ``DoctorEntry.ok`` is
+true when an item has no error.
 
 The training modes' inputs are checked too: an audio source's item by its sound alone (and long enough for
 the smallest frame bucket); references (``references.py``) present, decodable and long enough: an IC-LoRA
@@ -31,7 +33,8 @@ from typing import Any, Literal
 
 from ..config import DatasetConfig
 from ..io_utils import atomic_write_json
-from .audio_only import audio_only_frames
+from .audio_only import audio_only_frames, prepare_audio_only
+from .audio_verdict import AudioThresholds, judge_clip_audio
 from .dataset import DatasetItem, scan_dataset
 from .media import audio as audio_measures
 from .media.decode import count_decodable_frames, decode_audio
@@ -42,6 +45,8 @@ from .media.timing import (
     available_frames,
     choose_frame_bucket,
     choose_resolution_bucket,
+    clip_audio_samples,
+    cut_audio,
     detect_fps,
     stretch_problem,
 )
@@ -53,10 +58,9 @@ ProgressCallback = Callable[[int, int, str], None]  # (items done, items total, 
 
 @dataclass(frozen=True)
 class DoctorThresholds:
-    quiet_lufs: float = -35.0  # integrated loudness below this is "too quiet"
-    silent_fraction: float = 0.98  # this much of the audio below -60 dBFS is "silent"
-    clipped_fraction: float = 0.001  # more samples than this at full scale is "clipped"
-    audio_gap_s: float = 0.1  # audio ending / starting this much off the video is reported
+    """The doctor's own limits; the audio verdict's are in the dataset config (``AudioThresholds``)."""
+
+    audio_gap_s: float = 0.1  # audio starting this much after the video is reported
     min_sample_rate: int = AUDIO_SAMPLE_RATE  # lower rates are upsampled and lack high frequencies
     decode_check_fraction: float = 0.9  # fewer decodable frames than this share of the packets is an error
 
@@ -228,6 +232,8 @@ def diagnose_item(item: DatasetItem, dataset_cfg: DatasetConfig, spec: ClipSpec,
                         is_image=item.is_image, is_validation=item.is_validation, is_audio_only=item.is_audio_only)
     for problem in item.problems:
         entry.add("warning", "dataset", problem)
+    for severity, code, message in item.caption_problems:
+        entry.add(severity, code, message)
     _check_trigger(entry, item, dataset_cfg)
     _check_references(entry, item, dataset_cfg)
 
@@ -241,12 +247,12 @@ def diagnose_item(item: DatasetItem, dataset_cfg: DatasetConfig, spec: ClipSpec,
     if info.truncated:
         entry.add("error", "truncated", f"the file is truncated: {info.truncated}. Re-export or re-download it")
     if item.is_audio_only:
-        _check_audio_only(entry, item, info, spec, thresholds)
+        _check_audio_only(entry, item, info, spec, thresholds, dataset_cfg)
         return entry
     if not _check_video(entry, item, info, spec, thresholds):
         return entry
     if not item.is_image and dataset_cfg.with_audio:
-        _check_audio(entry, item, info, thresholds)
+        _check_audio(entry, item, info, thresholds, dataset_cfg, spec)
     elif info.audio or item.audio_path is not None:
         entry.has_audio = not item.is_image  # present but not used: dataset.with_audio is off
     return entry
@@ -319,7 +325,8 @@ def _check_video(entry: DoctorEntry, item: DatasetItem, info: MediaInfo, spec: C
     return True
 
 
-def _check_audio(entry: DoctorEntry, item: DatasetItem, info: MediaInfo, thresholds: DoctorThresholds) -> None:
+def _check_audio(entry: DoctorEntry, item: DatasetItem, info: MediaInfo, thresholds: DoctorThresholds,
+                 dataset_cfg: DatasetConfig, spec: ClipSpec) -> None:
     if item.audio_path is not None:
         source_path, audio_index = item.audio_path, 0
     else:
@@ -360,25 +367,19 @@ def _check_audio(entry: DoctorEntry, item: DatasetItem, info: MediaInfo, thresho
     if item.audio_path is None and info.video is not None:
         # Where the sound sits against the picture on the file's shared clock.
         video_start = info.video.start_s - info.origin_s
-        _check_alignment(entry, track.start_s - video_start, track.duration_s, info.video.duration_s, thresholds)
-    elif entry.video_seconds:
-        _check_alignment(entry, 0.0, track.duration_s, entry.video_seconds, thresholds)
+        _check_start(entry, track.start_s - video_start, thresholds)
 
-    # Loudness needs one 400 ms block; shorter audio is judged by its silent frames alone.
-    nothing_above_gate = stats.loudness_lufs is None and track.duration_s >= audio_measures.BLOCK_SECONDS
-    if nothing_above_gate or stats.silence_fraction >= thresholds.silent_fraction:
-        entry.add("warning", "silent",
-                  f"the audio is silent ({100 * stats.silence_fraction:.0f} % below "
-                  f"{audio_measures.SILENCE_DBFS:g} dBFS): the clip would teach the model silence. Replace or remove "
-                  "its sound")
-    elif stats.loudness_lufs is not None and stats.loudness_lufs < thresholds.quiet_lufs:
-        entry.add("warning", "too_quiet",
-                  f"the audio is too quiet ({stats.loudness_lufs:.1f} LUFS, below {thresholds.quiet_lufs:g} LUFS). "
-                  "Normalise it to about -23 to -16 LUFS")
-    if stats.clipped_fraction > thresholds.clipped_fraction:
-        entry.add("warning", "clipped",
-                  f"the audio is clipped ({100 * stats.clipped_fraction:.2f} % of samples at full scale): the model "
-                  "would learn the distortion. Use a cleaner take or lower the recording level")
+    # The verdict on what the cache will train on: the clip's span of the sound, cut as the cache cuts it.
+    if entry.frame_bucket is not None and entry.fps:
+        video_start = info.video.start_s - info.origin_s
+        if item.audio_path is not None:
+            track.start_s += video_start  # a separate file starts with the first video frame (as the cache reads it)
+        span_fps = entry.fps if spec.retime == "stretch" else spec.target_fps
+        clip, valid = cut_audio(track, video_start, clip_audio_samples(entry.frame_bucket, span_fps, AUDIO_SAMPLE_RATE),
+                                AUDIO_SAMPLE_RATE)
+        verdict = judge_clip_audio(clip, valid, AUDIO_SAMPLE_RATE, AudioThresholds.from_dataset(dataset_cfg))
+        for severity, code, message in verdict.issues:
+            entry.add(severity, code, message)
     if track.sample_rate < thresholds.min_sample_rate:
         entry.add("warning", "low_sample_rate",
                   f"the audio is sampled at {track.sample_rate} Hz; it is upsampled to {AUDIO_SAMPLE_RATE} Hz and has "
@@ -386,13 +387,14 @@ def _check_audio(entry: DoctorEntry, item: DatasetItem, info: MediaInfo, thresho
 
 
 def _check_audio_only(entry: DoctorEntry, item: DatasetItem, info: MediaInfo, spec: ClipSpec,
-                      thresholds: DoctorThresholds) -> None:
-    """An audio source's item: its sound is the clip (the picture of a video file is not used)."""
+                      thresholds: DoctorThresholds, dataset_cfg: DatasetConfig) -> None:
+    """An audio source's item: its sound is the clip (the picture of a video file is not used). The verdict is the
+    cache's, on the span the cache cuts; an item whose sound is no voice supervision has nothing to train."""
     if not info.audio:
         entry.add("error", "no_audio", "an audio source's item needs sound and this file has no audio stream: remove it "
                                        "from the audio source")
         return
-    _check_audio(entry, item, info, thresholds)
+    _check_audio(entry, item, info, thresholds, dataset_cfg, spec)
     if entry.audio_seconds is None or not entry.has_audio:
         return
     entry.frame_bucket = audio_only_frames(entry.audio_seconds, spec)
@@ -401,6 +403,15 @@ def _check_audio_only(entry: DoctorEntry, item: DatasetItem, info: MediaInfo, sp
         entry.add("error", "too_short",
                   f"too short: the sound lasts {entry.audio_seconds:.2f} s but the shortest clip is {smallest} frames "
                   f"({smallest / spec.target_fps:.2f} s). Use a longer recording or add a smaller 8n+1 frame bucket")
+        return
+    try:
+        sound = prepare_audio_only(item.media_path, dataset_cfg, audio_index=item.audio_stream)
+    except MediaError as exc:
+        entry.add("error", exc.kind, exc.sentence)
+        return
+    verdict = judge_clip_audio(sound.audio, sound.valid_samples, AUDIO_SAMPLE_RATE, AudioThresholds.from_dataset(dataset_cfg))
+    for severity, code, message in verdict.issues:
+        entry.add(severity, code, message)
 
 
 def _check_references(entry: DoctorEntry, item: DatasetItem, dataset_cfg: DatasetConfig) -> None:
@@ -418,18 +429,11 @@ def _check_references(entry: DoctorEntry, item: DatasetItem, dataset_cfg: Datase
         entry.add(severity, code, message)
 
 
-def _check_alignment(entry: DoctorEntry, audio_start: float, audio_seconds: float, video_seconds: float,
-                     thresholds: DoctorThresholds) -> None:
+def _check_start(entry: DoctorEntry, audio_start: float, thresholds: DoctorThresholds) -> None:
     tolerance = max(thresholds.audio_gap_s, 2.0 / (entry.fps or 25.0))
-    audio_end = audio_start + audio_seconds
     if audio_start > tolerance:
         entry.add("warning", "audio_starts_late",
                   f"the audio starts {audio_start:.2f} s after the video; the gap is filled with silence")
-    if audio_end < video_seconds - tolerance:
-        entry.add("warning", "audio_short",
-                  f"the audio ends {video_seconds - audio_end:.2f} s before the video (audio {audio_seconds:.2f} s, "
-                  f"video {video_seconds:.2f} s): the rest is padded with silence and masked. Trim the video or "
-                  "fix the sound")
 
 
 def _describe_stream(stream) -> str:

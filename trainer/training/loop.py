@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import resource
 import sys
 import time
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from ..backends.interface import DenoiserInput, TextContext, audio_token_count, 
 from ..backends.text_connectors import ConnectorStack
 from ..config import Config, ConfigError
 from ..data.batch_sampler import AudioAwareBatchSampler
-from ..data.batches import Batch, LatentSample, collate, drop_captions, truncate_audio
+from ..data.batches import Batch, LatentSample, collate, content_digest, drop_captions, truncate_audio
 from ..io_utils import append_jsonl, atomic_write_text, read_jsonl, remove_stale_temporaries
 from .conditioning import (
     check_samples,
@@ -40,10 +39,12 @@ from .monitor import AudioSupervisionMonitor
 from .optim import build_optimizer, build_scheduler, enter_training, evaluation_weights, optimizer_warnings
 from .preservation import Preservation, SilenceLatents, SilenceSource, audio_dop_loss, require_silence
 from .state import find_latest_state, load_state, save_state
+from .stopping import StopRequest
 from .timesteps import AUDIO_OFFSET_DIMS, VIDEO_OFFSET_DIMS, add_noise, offset_noise, sample_modality_sigmas, velocity_target
 from .validation import validation_losses
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_UPDATING = "updating"  # Trainer._step_start while the optimizer applies a step
 
 
 class TrainingError(RuntimeError):
@@ -200,6 +201,7 @@ class TrainResult:
     warnings: list[str] = field(default_factory=list)
     resumed_from: int | None = None
     completed: bool = True
+    stopped_by: str | None = None  # why the run stopped before until_step (SIGINT, SIGTERM, ComfyUI Cancel, ...)
 
 
 @dataclass
@@ -231,25 +233,25 @@ class Trainer:
     ``silence_audio_latent`` (the audio VAE's encoding of silence, ``[8, T, 16]`` or ``T -> [8, T, 16]``; needed
     by audio.missing_audio = silence / audio_dop), ``preservation_contexts`` (``{"class": ctx, "blank": ctx}``
     for preservation.dop / blank) and ``text_connectors`` (diffusers' ``LTX2TextConnectors``, for
-    network.connectors; the samples then carry ``text_features``)."""
+    network.connectors; the samples then carry ``text_features``). ``stop``: the run stops at the next step
+    boundary once it is requested (``stopping.py``; the CLI's signal handlers and ComfyUI's Cancel use it)."""
 
     def __init__(self, config: Config, denoiser, samples: list[LatentSample], run_dir: str | Path,
                  callbacks: TrainCallbacks | None = None, *, validation_samples: list[LatentSample] | None = None,
                  silence_audio_latent: SilenceSource | None = None,
-                 preservation_contexts: dict[str, TextContext] | None = None, text_connectors=None):
+                 preservation_contexts: dict[str, TextContext] | None = None, text_connectors=None,
+                 stop: StopRequest | None = None):
         self.config = config
         self.denoiser = denoiser
         self.run_dir = Path(run_dir)
         self.callbacks = callbacks or TrainCallbacks()
+        self.stop = stop or StopRequest()
         self.warnings: list[str] = []
         self.device = _resolve_device(config.train.device)
         precision = config.train.mixed_precision
-        if precision == "fp16" and self.device.type == "cpu":
-            raise TrainingError("train.mixed_precision = \"fp16\" needs a CUDA device; use \"bf16\" or \"fp32\" on CPU")
         self.autocast_dtype = None if precision == "fp32" else PRECISION_DTYPES[precision]
-        self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-        if config.train.num_threads:
-            torch.set_num_threads(config.train.num_threads)
+        # fp16 gradients underflow without loss scaling; the scaler runs on CUDA and on the CPU alike.
+        self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
 
         audio_cfg = config.audio
         validation_samples = list(validation_samples or [])
@@ -300,6 +302,11 @@ class Trainer:
         self.last_lora: Path | None = None
         self.last_state: Path | None = None
         self._last_losses: tuple[float | None, float | None] = (None, None)
+        self._content_digest: str | None = None
+        # Inside train_step: what the step changes before its optimizer update, as it was at the step's start
+        # (None between steps; UPDATING during the update itself). An exception in the middle of a step then
+        # saves the last completed step, never a half step.
+        self._step_start: dict | str | None = None
 
     def _connector_stack(self, text_connectors) -> ConnectorStack | None:
         if self.config.network.connectors == "off":
@@ -324,10 +331,12 @@ class Trainer:
             return None
         saved = load_state(folder)
         expected = self._resume_fingerprint()
-        if saved.extra.get("resume_fingerprint") != expected:
+        stored = saved.extra.get("resume_fingerprint") or {}
+        if stored != expected:
+            differing = sorted(k for k in set(stored) | set(expected) if stored.get(k) != expected.get(k))
             raise TrainingError(
-                f"{folder}: this state was saved by a run with a different model, network or dataset; "
-                "use a new output.dir, or pass --no-resume to start over in this one"
+                f"{folder}: this state was saved by a run with a different model, network or dataset (differs: "
+                f"{', '.join(differing)}); use a new output.dir, or pass --no-resume to start over in this one"
             )
         missing = set(self.network.state_dict()) ^ set(saved.adapter)
         if missing:
@@ -340,6 +349,8 @@ class Trainer:
         if self.monitor is not None and saved.extra.get("monitor") is not None:
             self.monitor.load_state_dict(saved.extra["monitor"])
         enter_training(self.optimizer)
+        if self.scaler is not None and saved.extra.get("scaler"):
+            self.scaler.load_state_dict(saved.extra["scaler"])
         self.generator.set_state(saved.rng["generator"])
         torch.set_rng_state(saved.rng["torch_cpu"])
         if "torch_cuda" in saved.rng and torch.cuda.is_available():
@@ -349,14 +360,27 @@ class Trainer:
         self.resumed_from = saved.step
         self.last_state = folder
         self._truncate_metrics(saved.step)
+        self.last_lora = self._ensure_lora(saved.step)
         return saved.step
+
+    def _ensure_lora(self, step: int) -> Path:
+        """The LoRA of a saved step, written now from the loaded state when a kill after the state's write lost
+        it (the state is written first; see ``save_checkpoint``)."""
+        path = self._lora_path(step)
+        if not path.is_file():
+            self._export_lora(path)
+            self._warn(f"{path.name} was missing (the run was stopped while exporting it): written from the state "
+                       f"of step {step}")
+        return path
 
     def _resume_fingerprint(self) -> dict:
         c = self.config
         return {
             "base": self.denoiser.fingerprint(),
             "network": c.network.__dict__,
-            "samples": sorted(s.id for s in self.samples),
+            # What the run trains on, in order (content, not file names): a repaired or moved cache that holds
+            # the same latents resumes; any other data does not.
+            "samples": self._samples_digest(),
             "batch_size": c.train.batch_size,
             "seed": c.train.seed,
             "optimizer": [c.optimizer.name] + [g["name"] for g in self.optimizer.param_groups],
@@ -364,6 +388,11 @@ class Trainer:
             # Only when a training mode is on, so the states of plain runs keep resuming.
             **({"conditioning": c.conditioning.__dict__} if c.conditioning != type(c.conditioning)() else {}),
         }
+
+    def _samples_digest(self) -> str:
+        if self._content_digest is None:
+            self._content_digest = content_digest(self.samples)
+        return self._content_digest
 
     def _truncate_metrics(self, step: int) -> None:
         path = self.run_dir / "metrics.jsonl"
@@ -373,30 +402,55 @@ class Trainer:
 
     # ---- checkpoints ----------------------------------------------------------------------------
 
-    def save_checkpoint(self) -> tuple[Path, Path]:
-        cfg = self.config
+    def _step_state(self) -> dict:
+        """What one step changes before its optimizer update: the random streams, the data order, the balancer,
+        the supervision monitor and the non-finite counter (the weights, the optimizer, the schedule and the loss
+        scale change only in the update)."""
         rng = {"generator": self.generator.get_state(), "torch_cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["torch_cuda"] = torch.cuda.get_rng_state()
-        extra = {
-            "scheduler": self.scheduler.state_dict(),
+        return {
+            "rng": rng,
             "balancer": self.balancer.state_dict(),
             "sampler": self.sampler.state_dict(),
             "monitor": None if self.monitor is None else self.monitor.state_dict(),
             "consecutive_nonfinite": self.consecutive_nonfinite,
+        }
+
+    def save_checkpoint(self, step_state: dict | None = None) -> tuple[Path, Path]:
+        """Write the resumable state and the LoRA of the current step. ``step_state``: the ``_step_state()`` of
+        this step boundary when the live one has moved on (an exception in the middle of the next step)."""
+        cfg = self.config
+        step_state = step_state or self._step_state()
+        extra = {
+            "scheduler": self.scheduler.state_dict(),
+            "balancer": step_state["balancer"],
+            "sampler": step_state["sampler"],
+            "monitor": step_state["monitor"],
+            "consecutive_nonfinite": step_state["consecutive_nonfinite"],
+            "scaler": None if self.scaler is None else self.scaler.state_dict(),
             "resume_fingerprint": self._resume_fingerprint(),
         }
         # The state holds the training weights; the exported file the weights to use (a schedule-free
-        # optimizer's average), so the state is written first.
-        state_path = save_state(self.run_dir, self.step, self.network.state_dict(), self.optimizer, rng, extra, keep=cfg.output.keep_states)
-        lora_path = self.run_dir / "lora" / f"{cfg.output.name}_{self.step:06d}.safetensors"
-        with evaluation_weights(self.optimizer, list(self.network.parameters())):
-            save_network(self.network, lora_path, config_json=cfg.to_json(), base_fingerprint=self.denoiser.fingerprint(),
-                         step=self.step, version=cfg.model.version, dtype=cfg.output.save_dtype,
-                         lora_format=cfg.output.lora_format, extra_metadata=lora_metadata(cfg))
+        # optimizer's average), so the state is written first. A kill between the two leaves a state without
+        # its LoRA, which try_resume writes from the state.
+        state_path = save_state(self.run_dir, self.step, self.network.state_dict(), self.optimizer, step_state["rng"],
+                                extra, keep=cfg.output.keep_states)
+        lora_path = self._lora_path(self.step)
+        self._export_lora(lora_path)
         self.last_lora, self.last_state = lora_path, state_path
         self.callbacks.on_checkpoint(self, lora_path, state_path)
         return lora_path, state_path
+
+    def _lora_path(self, step: int) -> Path:
+        return self.run_dir / "lora" / f"{self.config.output.name}_{step:06d}.safetensors"
+
+    def _export_lora(self, path: Path) -> None:
+        cfg = self.config
+        with evaluation_weights(self.optimizer, list(self.network.parameters())):
+            save_network(self.network, path, config_json=cfg.to_json(), base_fingerprint=self.denoiser.fingerprint(),
+                         step=self.step, version=cfg.model.version, dtype=cfg.output.save_dtype,
+                         lora_format=cfg.output.lora_format, extra_metadata=lora_metadata(cfg))
 
     def validate(self) -> dict:
         """Per-modality validation loss at the fixed σ set (``val_loss_video`` / ``val_loss_audio``)."""
@@ -411,17 +465,39 @@ class Trainer:
     # ---- the loop -------------------------------------------------------------------------------
 
     def run(self, until_step: int | None = None) -> TrainResult:
-        """Train up to ``until_step`` (default: train.steps). Saves a checkpoint every
-        ``output.save_every`` steps, at the end, and when interrupted (Ctrl-C, ComfyUI Cancel)."""
+        """Train up to ``until_step`` (default: train.steps). Saves a checkpoint every ``output.save_every``
+        steps, at the end, and when stopped: a requested stop (``self.stop``: Ctrl-C, SIGTERM, ComfyUI Cancel) is
+        taken between two steps; an exception inside a step (a second Ctrl-C, Cancel inside a ComfyUI op, an
+        error) saves the last completed step. Either way the saved state is a step boundary of the straight run,
+        so resuming from it continues bit for bit."""
         cfg = self.config
         target = min(until_step or cfg.train.steps, cfg.train.steps)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.run_dir / "config.json", cfg.to_json() + "\n")
+        # train.num_threads is process-wide in torch: set for this run only (inside ComfyUI it is the server's).
+        threads_before = torch.get_num_threads()
+        if cfg.train.num_threads:
+            torch.set_num_threads(cfg.train.num_threads)
+        try:
+            return self._run(target)
+        finally:
+            torch.set_num_threads(threads_before)
+
+    def _run(self, target: int) -> TrainResult:
+        cfg = self.config
+        if self.step >= cfg.train.steps:
+            self._warn(f"the run is already at step {self.step} (train.steps = {cfg.train.steps}): nothing to train; "
+                       f"its LoRA is {self.last_lora or self._lora_path(self.step)}. Raise train.steps to train further")
+        self._step_start = None  # between steps (an earlier run may have ended inside one)
         self.callbacks.on_start(self)
         self.network.train()
         saved_at = self.step
+        stopped_by = None
         try:
             while self.step < target:
+                if self.stop.should_stop():
+                    stopped_by = self.stop.reason
+                    break
                 metrics = self.train_step()
                 if metrics is None:
                     continue  # skipped (non-finite); the counter guards against endless skipping
@@ -436,26 +512,48 @@ class Trainer:
                 if self.step % cfg.output.save_every == 0 or self.step == target:
                     self.save_checkpoint()
                     saved_at = self.step
+            if stopped_by is not None and self.step > saved_at:
+                self.save_checkpoint()
         except TrainingError:
             raise  # the last good checkpoint stays as it is
+        except KeyboardInterrupt:
+            self._save_last_completed_step(saved_at)
+            if not self.stop.requested:
+                raise  # no stop handler ran (library use): the caller decides
+            stopped_by = self.stop.reason  # a second signal: stop at once, the last completed step is saved
         except BaseException:
-            # Ctrl-C or ComfyUI's Cancel: keep what was learned so the next run resumes from here.
-            if self.step > saved_at:
-                self.save_checkpoint()
+            # ComfyUI's Cancel raised inside an op, or an error: keep what was learned up to the last completed step.
+            self._save_last_completed_step(saved_at)
             raise
         result = TrainResult(
             run_dir=self.run_dir, step=self.step, lora_path=self.last_lora, state_path=self.last_state,
             final_loss_video=self._last_losses[0], final_loss_audio=self._last_losses[1],
             warnings=list(self.warnings), resumed_from=self.resumed_from, completed=self.step >= cfg.train.steps,
+            stopped_by=stopped_by,
         )
         self.callbacks.on_end(self, result)
         return result
+
+    def _save_last_completed_step(self, saved_at: int) -> None:
+        if self.step <= saved_at:
+            return  # that step's state is on disk already
+        if self._step_start == _UPDATING:
+            self._warn(f"stopped during the optimizer update of step {self.step + 1}: the state of step {saved_at} "
+                       "is the last one kept")
+            return
+        self.save_checkpoint(self._step_start)  # None between steps: the live state is the boundary
 
     def train_step(self) -> dict | None:
         """One optimizer step: forward and backward over ``train.gradient_accumulation`` micro-batches, then
         clipping, the optimizer and the schedule. Returns the step's metrics row, or None when the step was
         skipped (a non-finite loss or gradient; ``_skip_nonfinite`` counts those). ``run`` calls it in a loop,
         and the benchmark times exactly this."""
+        self._step_start = self._step_state()
+        metrics = self._train_step()
+        self._step_start = None  # a step boundary again (also after a skipped step)
+        return metrics
+
+    def _train_step(self) -> dict | None:
         started = time.perf_counter()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -546,10 +644,16 @@ class Trainer:
         max_norm = self.config.train.max_grad_norm
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
         if not torch.isfinite(grad_norm):
-            self._skip_nonfinite(tally.ids, float("nan"), None, what="gradient norm")
+            what = "gradient norm"
+            if self.scaler:
+                # fp16 overflow: the scaler backs off (update() also clears the unscale_ record of this step).
+                self.scaler.update()
+                what = f"gradient norm (fp16 overflow; loss scale now {self.scaler.get_scale():g})"
+            self._skip_nonfinite(tally.ids, float("nan"), None, what=what)
             return None
         tally.lr = self._base_lr()
         tally.lr_groups = {g["name"]: g["lr"] for g in self.optimizer.param_groups}
+        self._step_start = _UPDATING
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -675,10 +779,15 @@ def _resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _peak_memory_bytes(device: torch.device) -> int:
+def _peak_memory_bytes(device: torch.device) -> int | None:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    # CPU: the process' peak resident set (ru_maxrss is in KiB on Linux, bytes on macOS).
+    # CPU: the process' peak resident set (ru_maxrss is in KiB on Linux, bytes on macOS). The resource module is
+    # Unix-only: on Windows the figure is unknown (null in metrics.jsonl) and the node pack still imports.
+    try:
+        import resource
+    except ImportError:
+        return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
 

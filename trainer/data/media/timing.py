@@ -16,6 +16,7 @@ Two ways to reach the target frame rate (``retime``):
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from collections.abc import Sequence
@@ -425,9 +426,12 @@ def _smaller_bucket(available: int) -> int:
 
 
 def prepare_item(item: DatasetItem, dataset: DatasetConfig, *, seed: int = 0, start_s: float = 0.0) -> PreparedClip:
-    """``prepare_clip`` with the settings of a dataset item and its source."""
+    """``prepare_clip`` with the settings of a dataset item and its source. Random choices (``crop =
+    "random"``) are seeded by ``seed`` and the item's key together: each clip gets its own crop, the same one
+    on every run."""
     spec = ClipSpec.from_config(dataset)
+    clip_seed = int.from_bytes(hashlib.sha256(f"{seed}:{item.key or item.media_path}".encode()).digest()[:8], "big")
     return prepare_clip(
         item.media_path, spec, audio_path=item.audio_path, audio_index=item.audio_stream,
-        fps_override=item.fps_override, start_s=start_s, seed=seed,
+        fps_override=item.fps_override, start_s=start_s, seed=clip_seed,
     )
