@@ -62,8 +62,10 @@ class TrainingConfig(io.ComfyNode):
             node_id="LTX2AV_TrainingConfig",
             display_name="LTX2AV Training Config",
             category=CATEGORY_TRAIN,
-            description="Every training option of the trainer (the same keys as the CLI's TOML config; each tooltip "
-                        "names its key). The dataset, cache, model version, run folder and device come from the other nodes.",
+            description="The training options, with the values recommended for a voice LoRA. The options that matter "
+                        "most are shown; every other trainer option is an advanced input (the same keys as the CLI's "
+                        "TOML config; each tooltip names its key). The dataset, cache, model version, run folder and "
+                        "device come from the other nodes, memory from ComfyUI's model management.",
             inputs=widget_inputs(training_widgets()),
             outputs=[ConfigType.Output("config", tooltip="The full trainer config (LTX2AV_CONFIG).")],
         )
@@ -94,6 +96,7 @@ def run_config(config_value: dict, cache: dict, run_dir: Path, run_name: str, mo
     if not isinstance(config_value, dict):
         raise ValueError("expected an LTX2AV_CONFIG value from the LTX2AV Training Config node")
     data = Config.from_dict(config_value).to_dict()
+    refuse_headless_options(data)
     cached = Config.from_dict(cache["config"])
     version = detect_comfy_version(ltxav_diffusion_model(model_patcher))
     if cached.model.version != version:
@@ -107,6 +110,21 @@ def run_config(config_value: dict, cache: dict, run_dir: Path, run_name: str, mo
     data["output"].update(dir=str(run_dir), name=safe_name(run_name, "run_name"), resume="auto")
     data["train"]["device"] = str(model_patcher.load_device)
     return Config.from_dict(data)
+
+
+def refuse_headless_options(data: dict) -> None:
+    """Options the Training Config does not offer because ComfyUI decides them (``[memory]``, the thread count)
+    must not arrive set from elsewhere: in ComfyUI they would be ignored without a word."""
+    defaults = Config().to_dict()
+    changed = [f"memory.{key}" for key, value in data["memory"].items() if value != defaults["memory"][key]]
+    if data["train"]["num_threads"] != defaults["train"]["num_threads"]:
+        changed.append("train.num_threads")
+    if changed:
+        raise ConfigError(
+            f"{', '.join(changed)}: headless options that ComfyUI decides itself (it loads, offloads and casts the "
+            "MODEL; fp8 weights come from the loader's weight_dtype, the attention kernel from ComfyUI's launch "
+            "options); leave them at their defaults in ComfyUI, or train with the ltx2-av-trainer command"
+        )
 
 
 def lora_file(config: Config, step: int) -> Path:
