@@ -114,13 +114,11 @@ class LossChart {
   statusText() {
     const last = this.history[this.history.length - 1];
     if (!last) return this.note || "LTX-2 AV training: waiting for the first step…";
-    const progress = this.note ? [this.note] : [
+    const parts = [
+      ...(this.note ? [this.note] : []),
       `step ${last.step}/${last.total ?? "?"}`,
       `${formatNumber(last.step_time_s)} s/step`,
       `ETA ${formatDuration(last.eta_s)}`,
-    ];
-    const parts = [
-      ...progress,
       `video ${formatNumber(last.loss_video)}`,
       `audio ${formatNumber(last.loss_audio)}`,
       `weight ${formatNumber(last.audio_weight)}`,
