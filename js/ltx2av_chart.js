@@ -4,13 +4,15 @@
 // canvas, plus a status line (step/total, s/step, ETA). Fed by the "ltx2av.train" websocket event the node
 // sends after every step, filtered by node id. The node's `ltx2av_history` ui payload (every step of the
 // run) replaces it when the queue ends (onExecuted), when a finished job is loaded from the queue
-// (onNodeOutputsUpdated), and after a page reload, from the server's /history (afterConfigureGraph).
+// (onNodeOutputsUpdated), and after a page reload, from the server's /history (afterConfigureGraph). Its
+// `ltx2av_status` line (what the queue trained, or that the run already has all its steps) leads the status.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
 const NODE_TYPE = "LTX2AV_TrainLoRA";
 const EVENT = "ltx2av.train";
 const HISTORY_KEY = "ltx2av_history";
+const STATUS_KEY = "ltx2av_status";
 const WIDGET_NAME = "ltx2av_chart";
 const CHART_HEIGHT = 180;
 const SMOOTHING = 0.9; // EMA factor for the bold line; the raw values are drawn faint underneath
@@ -62,6 +64,7 @@ class LossChart {
   constructor(node) {
     this.node = node;
     this.history = []; // one step dict per optimizer step, ordered by step
+    this.note = ""; // the server's line about the last queue (STATUS_KEY)
 
     this.element = document.createElement("div");
     this.element.className = "ltx2av-chart";
@@ -92,12 +95,14 @@ class LossChart {
       this.history = this.history.filter((entry) => entry.step < step.step);
     }
     this.history.push(step);
+    this.note = ""; // a queue is running: the live step is the news
     this.render();
   }
 
-  /** Replace everything with the run's full history (the node's ui payload). */
-  setHistory(steps) {
-    this.history = [...steps].sort((a, b) => a.step - b.step);
+  /** Replace everything with the run's full history and the queue's status line (the node's ui payload). */
+  setOutput(output) {
+    if (Array.isArray(output?.[HISTORY_KEY])) this.history = [...output[HISTORY_KEY]].sort((a, b) => a.step - b.step);
+    if (Array.isArray(output?.[STATUS_KEY])) this.note = String(output[STATUS_KEY][0] ?? "");
     this.render();
   }
 
@@ -108,8 +113,9 @@ class LossChart {
 
   statusText() {
     const last = this.history[this.history.length - 1];
-    if (!last) return "LTX-2 AV training: waiting for the first step…";
+    if (!last) return this.note || "LTX-2 AV training: waiting for the first step…";
     const parts = [
+      ...(this.note ? [this.note] : []),
       `step ${last.step}/${last.total ?? "?"}`,
       `${formatNumber(last.step_time_s)} s/step`,
       `ETA ${formatDuration(last.eta_s)}`,
@@ -283,7 +289,7 @@ function addChart(node) {
   const onExecuted = node.onExecuted;
   node.onExecuted = function (output) {
     onExecuted?.apply(this, arguments);
-    if (Array.isArray(output?.[HISTORY_KEY])) chart.setHistory(output[HISTORY_KEY]);
+    chart.setOutput(output);
   };
   node.setSize([Math.max(node.size[0], 420), node.size[1]]);
 }
@@ -298,9 +304,9 @@ async function restoreFromServerHistory(chart) {
   const entries = Object.values(await response.json()).reverse(); // newest first
   for (const entry of entries) {
     const queued = entry.prompt?.[2]?.[id]; // [number, prompt id, prompt, extra data, outputs]
-    const history = entry.outputs?.[id]?.[HISTORY_KEY];
-    if (queued?.class_type === NODE_TYPE && queued.inputs?.run_name === runName && Array.isArray(history)) {
-      if (chart.history.length === 0) chart.setHistory(history); // live events may have arrived meanwhile
+    const output = entry.outputs?.[id];
+    if (queued?.class_type === NODE_TYPE && queued.inputs?.run_name === runName && Array.isArray(output?.[HISTORY_KEY])) {
+      if (chart.history.length === 0) chart.setOutput(output); // live events may have arrived meanwhile
       return;
     }
   }
@@ -330,8 +336,8 @@ app.registerExtension({
   // Outputs restored without an execution (loading a finished job from the queue).
   onNodeOutputsUpdated(outputs) {
     for (const chart of liveCharts) {
-      const history = outputs?.[String(chart.node.id)]?.[HISTORY_KEY];
-      if (Array.isArray(history)) chart.setHistory(history);
+      const output = outputs?.[String(chart.node.id)];
+      if (Array.isArray(output?.[HISTORY_KEY])) chart.setOutput(output);
     }
   },
 });

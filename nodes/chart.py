@@ -2,11 +2,12 @@
 
 After every step ``ComfyTraining`` sends ``PromptServer.instance.send_sync("ltx2av.train", point)``; the widget
 draws the points whose ``node`` is its own node id. Train LoRA also returns every point of the run as
-``ui["ltx2av_history"]``, so the chart comes back after a page reload. The progress bar is ComfyUI's, and the
-check after each step makes Cancel stop within one step: Cancel seen there (or by the progress bar's hook) becomes
-the trainer's stop request, so the run ends on that step boundary with its state saved; Train LoRA then raises
-ComfyUI's interrupt. A Cancel raised inside one of ComfyUI's ops in the middle of a step ends the run too, and
-the trainer keeps the last completed step.
+``ui["ltx2av_history"]``, so the chart comes back after a page reload, and one line about the queue as
+``ui["ltx2av_status"]`` (the chart's status line shows it). The progress bar is ComfyUI's and follows the queue
+(a queue of 4 steps goes 1/4 … 4/4, whatever the run's total), and the check after each step makes Cancel stop
+within one step: Cancel seen there (or by the progress bar's hook) becomes the trainer's stop request, so the run
+ends on that step boundary with its state saved; Train LoRA then raises ComfyUI's interrupt. A Cancel raised
+inside one of ComfyUI's ops in the middle of a step ends the run too, and the trainer keeps the last completed step.
 """
 
 from __future__ import annotations
@@ -72,11 +73,13 @@ def send_train_event(point: dict) -> bool:
 class ComfyTraining(ConsoleTraining):
     """Console lines and TensorBoard (``ConsoleTraining``) plus ComfyUI's progress bar, Cancel and the chart."""
 
-    def __init__(self, node: str, config: Config):
+    def __init__(self, node: str, config: Config, until_step: int | None = None):
         tensorboard = Path(config.output.dir) / "tensorboard" if config.logging.tensorboard else None
         super().__init__(quiet=config.logging.quiet, tensorboard_dir=tensorboard)
         self.node = node
         self.total = config.train.steps
+        self.until = min(until_step, self.total) if until_step is not None else self.total
+        self.first_step = 0  # the step the queue resumed from
         self.points: list[dict] = []
         self._times: list[float] = []
         self._bar = None
@@ -90,8 +93,9 @@ class ComfyTraining(ConsoleTraining):
         for row in read_jsonl(Path(trainer.run_dir) / "metrics.jsonl"):
             self._times.append(row["step_time_s"])
             self.points.append(chart_point(self.node, row, self.total, self._times))
-        self._bar = comfy.utils.ProgressBar(self.total)
-        self._watch_cancel(trainer, lambda: self._bar.update_absolute(trainer.step))
+        self.first_step = trainer.step
+        self._bar = comfy.utils.ProgressBar(max(1, self.until - self.first_step))
+        self._watch_cancel(trainer, lambda: self._bar.update_absolute(0))
 
     def on_step(self, trainer, metrics: dict) -> None:
         super().on_step(trainer, metrics)
@@ -100,7 +104,7 @@ class ComfyTraining(ConsoleTraining):
         self.points.append(point)
         send_train_event(point)
         # The bar's hook raises on Cancel but is throttled; the explicit check makes Cancel stop within one step.
-        self._watch_cancel(trainer, lambda: self._bar.update_absolute(metrics["step"]))
+        self._watch_cancel(trainer, lambda: self._bar.update_absolute(metrics["step"] - self.first_step))
         self._watch_cancel(trainer, import_model_management().throw_exception_if_processing_interrupted)
 
     def _watch_cancel(self, trainer, call) -> None:
@@ -110,3 +114,13 @@ class ComfyTraining(ConsoleTraining):
         except import_model_management().InterruptProcessingException:
             self.cancelled = True
             trainer.stop.request("ComfyUI Cancel")
+
+
+def queue_status(run_name: str, start: int, step: int, total: int) -> str:
+    """The line the chart shows for a queue that trained ``start``..``step`` of ``total`` steps."""
+    if step <= start:
+        return (f"{run_name}: already trained {step} of {total} steps. Raise train_steps in the Training Config to "
+                "continue this run, or use a new run_name.")
+    if step >= total:
+        return f"{run_name}: trained steps {start + 1}-{step}; the run is complete ({step} of {total} steps)."
+    return f"{run_name}: trained steps {start + 1}-{step} ({step} of {total}); queue again to continue."

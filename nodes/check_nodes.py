@@ -1,8 +1,8 @@
 """Check nodes: does the LoRA load in ComfyUI, and what does it change?
 
 Verify LoRA Keys uses ComfyUI's own key map and loader (what LoraLoaderModelOnly does), never our own
-idea of the keys. Sample AV applies the LoRA the same way to a clone of the MODEL and samples with and
-without it from the same seed through ``trainer/evaluation/generation``.
+idea of the keys. Sample A/B applies the LoRA the same way to a clone of the MODEL and samples with and
+without it from the same seed through ComfyUI's own sampling (``trainer/backends/comfyui/sampling``).
 """
 
 from __future__ import annotations
@@ -13,22 +13,13 @@ from comfy_api.latest import io
 
 from ..trainer.adapters.files import read_adapter_file
 from ..trainer.adapters.verify import VerifyReport, model_modules, verify_report
-from ..trainer.backends.comfyui.denoiser import ComfyDenoiser, detect_comfy_version, ltxav_diffusion_model
-from ..trainer.backends.comfyui.encoders import (
-    audio_latent_count,
-    check_audio_vae,
-    check_video_vae,
-    decode_audio,
-    decode_video,
-    encode_prompt,
-)
+from ..trainer.backends.comfyui.denoiser import detect_comfy_version, ltxav_diffusion_model
+from ..trainer.backends.comfyui.encoders import check_audio_vae, check_video_vae
 from ..trainer.backends.comfyui.lora_keys import keys_comfyui_applies
-from ..trainer.backends.interface import AUDIO_LATENTS_PER_SECOND, AUDIO_SAMPLE_RATE
-from ..trainer.evaluation.generation import SampleRequest, sample_av
-from .types import CATEGORY_CHECK, LoRAType, audio_value, image_batch, lora_payload
+from ..trainer.backends.comfyui.sampling import DEFAULT_NEGATIVE, GenerationRequest, generate, with_lora
+from .types import CATEGORY_CHECK, LoRAType, lora_payload
 
 NO_FILE = "(none)"
-SAMPLE_FPS = 25.0  # LTX-2's training frame rate (dataset.target_fps default)
 
 
 # ---- which LoRA -----------------------------------------------------------------------------------------
@@ -110,51 +101,32 @@ def check_sample_geometry(frames: int, width: int, height: int) -> None:
         raise ValueError(f"width and height must be multiples of 32, got {width}x{height}")
 
 
-def sample_with_and_without(model, clip, vae, audio_vae, lora_path: Path, prompt: str, *, seed: int, steps: int,
-                            frames: int, width: int, height: int, guidance: float, fps: float = SAMPLE_FPS) -> dict:
-    """{"lora": (frames, waveform, rate), "base": (...)} from the same seed and prompt: frames ``[3, F, H, W]`` in
-    [-1, 1], waveform ``[1, C, S]`` cut to the clip length at the vocoder's ``rate``. The LoRA is applied as
-    LoraLoaderModelOnly does (``comfy.sd.load_lora_for_models`` on a clone); the MODEL itself is untouched."""
-    import comfy.sd
-    import comfy.utils
-
-    check_sample_geometry(frames, width, height)
+def sample_with_and_without(model, clip, vae, audio_vae, lora_path: Path, request: GenerationRequest,
+                            strength: float = 1.0) -> dict:
+    """{"lora": (IMAGE, AUDIO), "base": (IMAGE, AUDIO)}: the same generation through ComfyUI's own sampling
+    (``trainer/backends/comfyui/sampling``), with the LoRA applied as LoraLoaderModelOnly does (on a clone; the
+    MODEL itself is untouched) and without it."""
+    check_sample_geometry(request.frames, request.width, request.height)
     check_video_vae(vae)
     check_audio_vae(audio_vae)
-    version = detect_comfy_version(ltxav_diffusion_model(model))
-    lora_model, _ = comfy.sd.load_lora_for_models(model, None, comfy.utils.load_torch_file(str(lora_path), safe_load=True), 1.0, 0.0)
-    audio_samples = int(round(frames / fps * AUDIO_SAMPLE_RATE))
-    results = {}
-    for name, patcher in (("lora", lora_model), ("base", model)):
-        # The text connectors are part of the MODEL (and of what a LoRA may change): encode with this variant.
-        request = SampleRequest(
-            text=encode_prompt(clip, patcher, prompt),
-            latent_frames=(frames - 1) // 8 + 1,
-            latent_height=height // 32,
-            latent_width=width // 32,
-            audio_frames=audio_latent_count(audio_vae, audio_samples),
-            fps=fps,
-            steps=steps,
-            seed=seed,
-            guidance=guidance,
-            negative=encode_prompt(clip, patcher, "") if guidance != 1.0 else None,
-        )
-        video, audio = sample_av(ComfyDenoiser(patcher, version, checkpointing="none"), request, device=patcher.load_device)
-        waveform, rate = decode_audio(audio_vae, audio)
-        valid = int(round(request.audio_frames / AUDIO_LATENTS_PER_SECOND * rate))
-        results[name] = (decode_video(vae, video)[0], waveform[:, :, :valid], rate)
-    return results
+    detect_comfy_version(ltxav_diffusion_model(model))
+    return {"lora": generate(with_lora(model, lora_path, strength), clip, vae, audio_vae, request),
+            "base": generate(model, clip, vae, audio_vae, request)}
 
 
 class SampleAV(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
+        import comfy.samplers
+
+        defaults = GenerationRequest(prompt="")
         return io.Schema(
             node_id="LTX2AV_SampleAV",
             display_name="LTX2AV Sample A/B",
             category=CATEGORY_CHECK,
-            description="Generates video + audio with the LoRA and without it, from the same seed and prompt, so you "
-                        "can see and hear what the LoRA changed.",
+            description="Generates video + audio with the LoRA and without it, from the same seed and prompt, through "
+                        "ComfyUI's own LTX-2 sampling (LTXVScheduler, CFG guider, sampler; progress bar and Cancel), "
+                        "so you see and hear what the LoRA changes in a normal LTX-2 workflow.",
             inputs=[
                 io.Model.Input("model", tooltip="The LTX-2 audio-video MODEL (left unchanged; the LoRA goes on a clone)."),
                 io.Clip.Input("clip", tooltip="The Gemma text encoder (Load LTXV Audio Text Encoder)."),
@@ -162,15 +134,23 @@ class SampleAV(io.ComfyNode):
                 io.Vae.Input("audio_vae", tooltip="The LTX-2 audio VAE (Load LTXV Audio VAE)."),
                 io.String.Input("prompt", multiline=True, default="ohwx, a person speaks to the camera in a quiet room",
                                 tooltip="The prompt; start it with your trigger word."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True, tooltip="Noise seed (the same for both samples)."),
-                io.Int.Input("steps", default=20, min=1, max=200, tooltip="Euler sampling steps."),
-                io.Int.Input("frames", default=49, min=1, max=1025, step=8, tooltip="Frames, 8n+1 (49 = ~2 s at 25 fps)."),
-                io.Int.Input("width", default=512, min=32, max=4096, step=32, tooltip="Width in pixels, a multiple of 32."),
-                io.Int.Input("height", default=512, min=32, max=4096, step=32, tooltip="Height in pixels, a multiple of 32."),
-                io.Float.Input("guidance", default=1.0, min=1.0, max=20.0, step=0.1, tooltip="Classifier-free guidance; above 1 an empty prompt is the negative (twice the compute)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True, tooltip="Noise seed (the same for both samples; RandomNoise)."),
+                io.Int.Input("steps", default=defaults.steps, min=1, max=200, tooltip="Sampling steps (LTXVScheduler)."),
+                io.Int.Input("frames", default=defaults.frames, min=1, max=1025, step=8, tooltip="Frames, 8n+1 (97 = 3.9 s at 25 fps)."),
+                io.Int.Input("width", default=defaults.width, min=32, max=4096, step=32, tooltip="Width in pixels, a multiple of 32."),
+                io.Int.Input("height", default=defaults.height, min=32, max=4096, step=32, tooltip="Height in pixels, a multiple of 32."),
+                io.Float.Input("guidance", default=defaults.guidance, min=1.0, max=20.0, step=0.1, tooltip="CFG scale (CFGGuider); above 1 the negative prompt is sampled too (twice the compute). ComfyUI's LTX-2 template uses 4."),
                 LoRAType.Input("lora", optional=True, tooltip="From LTX2AV Train LoRA (or use lora_name)."),
                 io.Combo.Input("lora_name", options=lora_file_choices(), default=NO_FILE, optional=True,
                                tooltip="A LoRA file in ComfyUI's loras folder (used when no lora is connected)."),
+                io.String.Input("negative_prompt", multiline=True, default=defaults.negative_prompt, optional=True,
+                                advanced=True, tooltip="The negative prompt (used when guidance is above 1); the default is the one of ComfyUI's LTX-2 template."),
+                io.Combo.Input("sampler_name", options=list(comfy.samplers.SAMPLER_NAMES), default=defaults.sampler_name,
+                               optional=True, advanced=True, tooltip="The sampler (KSamplerSelect); ComfyUI's LTX-2 template uses euler_ancestral."),
+                io.Float.Input("lora_strength", default=1.0, min=-4.0, max=4.0, step=0.01, optional=True, advanced=True,
+                               tooltip="Strength of the LoRA on the model (LoraLoaderModelOnly's strength_model)."),
+                io.Float.Input("frame_rate", default=defaults.frame_rate, min=1.0, max=120.0, step=0.01, optional=True,
+                               advanced=True, tooltip="Frames per second of the video and the length of the audio (LTXVConditioning, LTXVEmptyLatentAudio)."),
             ],
             outputs=[
                 io.Image.Output("video_lora", tooltip="Frames with the LoRA."),
@@ -182,11 +162,12 @@ class SampleAV(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, audio_vae, prompt: str, seed: int, steps: int, frames: int, width: int, height: int,
-                guidance: float, lora=None, lora_name: str | None = None) -> io.NodeOutput:
-        results = sample_with_and_without(model, clip, vae, audio_vae, chosen_lora(lora, lora_name), prompt, seed=seed,
-                                          steps=steps, frames=frames, width=width, height=height, guidance=guidance)
-        outputs = []
-        for name in ("lora", "base"):
-            frames, waveform, rate = results[name]
-            outputs += [image_batch(frames), audio_value(waveform, rate)]
-        return io.NodeOutput(*outputs)
+                guidance: float, lora=None, lora_name: str | None = None, negative_prompt: str = DEFAULT_NEGATIVE,
+                sampler_name: str = "euler_ancestral", lora_strength: float = 1.0,
+                frame_rate: float = 25.0) -> io.NodeOutput:
+        request = GenerationRequest(prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=steps,
+                                    frames=frames, width=width, height=height, frame_rate=frame_rate, guidance=guidance,
+                                    sampler_name=sampler_name)
+        results = sample_with_and_without(model, clip, vae, audio_vae, chosen_lora(lora, lora_name), request,
+                                          strength=lora_strength)
+        return io.NodeOutput(*results["lora"], *results["base"])

@@ -24,6 +24,7 @@ from ..trainer.data.dataset import enumerate_dataset, scan_dataset
 from ..trainer.data.doctor import run_doctor
 from ..trainer.data.media.decode import decode_audio as decode_media_audio
 from ..trainer.data.media.probe import MediaError
+from ..trainer.data.signature import dataset_signature
 from .types import (
     CACHE_ROOT,
     CATEGORY_DATA,
@@ -31,7 +32,11 @@ from .types import (
     DatasetType,
     audio_value,
     cache_payload,
+    file_state,
+    is_readable,
     output_subfolder,
+    outside_roots_message,
+    readable_roots,
     resolve_input_path,
 )
 
@@ -57,6 +62,51 @@ def _progress(total: int):
     return comfy.utils.ProgressBar(max(1, total))
 
 
+def parse_frame_counts(text: str) -> list[int]:
+    """'49, 73' → [49, 73] (commas or spaces); errors name the widget."""
+    counts = []
+    for item in text.replace(",", " ").split():
+        try:
+            counts.append(int(item))
+        except ValueError:
+            raise ValueError(f"frame_buckets: {item!r} is not a whole number; give frame counts (8n+1) separated by "
+                             "commas, e.g. 49, 73, or leave it empty") from None
+    return counts
+
+
+def dataset_from_widgets(folder: str, trigger: str, caption_extension: str, audio_dir: str, target_fps: float,
+                         frames: int, width: int, height: int, with_audio: bool, validation_split: float, kind: str,
+                         repeats: int, frame_buckets: str = "", reference_dir: str = "", reference_frames: int = 1,
+                         reference_downscale: int = 1, reference_audio_dir: str = "",
+                         reference_audio_same_speaker: bool = False, reference_audio_seconds: float = 5.0) -> Config:
+    """The Load Dataset widgets → a validated ``Config`` whose folders lie where nodes may read (``nodes/types``)."""
+    root = resolve_input_path(folder, "folder")
+    source = {"path": str(root), "kind": kind, "caption_extension": caption_extension.strip(), "repeats": repeats}
+    # Like the CLI: a relative audio or reference folder is looked up next to the clips first.
+    near = root if root.is_dir() else root.parent
+    for name, value in (("audio_dir", audio_dir), ("reference_dir", reference_dir),
+                        ("reference_audio_dir", reference_audio_dir)):
+        if value.strip():
+            source[name] = str(resolve_input_path(value, name, relative_to=[near, readable_roots()[0]]))
+    return Config.from_dict({"dataset": {
+        "sources": [source], "trigger": trigger.strip(), "target_fps": target_fps, "frames": frames, "width": width,
+        "height": height, "with_audio": with_audio, "validation_split": validation_split,
+        "frame_buckets": parse_frame_counts(frame_buckets), "reference_frames": reference_frames,
+        "reference_downscale": reference_downscale, "reference_audio_seconds": reference_audio_seconds,
+        "reference_audio_same_speaker": reference_audio_same_speaker,
+    }})
+
+
+def check_items_readable(dataset: DatasetConfig) -> None:
+    """Every media and audio file of the dataset lies where nodes may read (a JSONL may name any path)."""
+    for item in scan_dataset(dataset).items:
+        for what, path in (("media", item.media_path), ("audio", item.audio_path), ("reference", item.reference_path),
+                           ("reference audio", item.reference_audio_path)):
+            if path is not None and not is_readable(path):
+                raise ValueError("LTX2AV Load Dataset: " + outside_roots_message(f"the {what} of item {item.key}",
+                                                                                  str(path), path))
+
+
 class LoadDataset(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -68,12 +118,13 @@ class LoadDataset(io.ComfyNode):
             category=CATEGORY_DATA,
             description="A folder of clips (or images, audio files, or a JSONL list) with captions: the dataset to "
                         "check, cache and train on, with the references of the IC-LoRA / ID-LoRA modes. Relative paths "
-                        "are read from ComfyUI's input folder.",
+                        "are read from ComfyUI's input folder. Adding, replacing or editing a clip, a reference or a "
+                        "caption re-runs it (and the nodes after it) on the next queue.",
             inputs=[
-                io.String.Input("folder", default="", tooltip=field_help(src, "path") + " Relative paths start in ComfyUI's input folder."),
+                io.String.Input("folder", default="", tooltip=field_help(src, "path") + " Relative paths start in ComfyUI's input folder; other folders only when the server allows them (LTX2AV_DATASET_ROOTS)."),
                 io.String.Input("trigger", default=defaults.trigger, tooltip=field_help(ds, "trigger")),
                 io.String.Input("caption_extension", default=source_defaults.caption_extension, tooltip=field_help(src, "caption_extension")),
-                io.String.Input("audio_dir", default="", tooltip=field_help(src, "audio_dir")),
+                io.String.Input("audio_dir", default="", tooltip=field_help(src, "audio_dir") + " A relative path is looked up next to the clips first, then in ComfyUI's input folder."),
                 io.Float.Input("target_fps", default=defaults.target_fps, min=1.0, max=240.0, step=0.01, tooltip=field_help(ds, "target_fps")),
                 io.Int.Input("frames", default=defaults.frames, min=1, max=1025, step=8, tooltip=field_help(ds, "frames")),
                 io.Int.Input("width", default=defaults.width, min=32, max=4096, step=32, tooltip=field_help(ds, "width")),
@@ -82,6 +133,8 @@ class LoadDataset(io.ComfyNode):
                 io.Float.Input("validation_split", default=0.0, min=0.0, max=0.99, step=0.01, tooltip=field_help(ds, "validation_split")),
                 io.Combo.Input("kind", options=["video", "image", "jsonl", "audio"], default="video", tooltip=field_help(src, "kind")),
                 io.Int.Input("repeats", default=1, min=1, max=10000, tooltip=field_help(src, "repeats")),
+                io.String.Input("frame_buckets", default=", ".join(str(f) for f in defaults.frame_buckets),
+                                tooltip=field_help(ds, "frame_buckets") + " Frame counts separated by commas.", advanced=True),
                 io.String.Input("reference_dir", default="", optional=True, advanced=True,
                                 tooltip=field_help(src, "reference_dir") + " Relative paths start next to the folder."),
                 io.Int.Input("reference_frames", default=defaults.reference_frames, min=1, max=1025, step=8, optional=True,
@@ -99,23 +152,28 @@ class LoadDataset(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, **widgets):
+        # ComfyUI re-executes a node (and every node after it) when this changes: the folder's content signature,
+        # not just its name. A dataset that cannot be read is reported by execute.
+        try:
+            return dataset_signature(dataset_from_widgets(**widgets).dataset)
+        except (ValueError, TypeError, OSError) as exc:
+            return f"unreadable: {exc}"
+
+    @classmethod
     def execute(cls, folder: str, trigger: str, caption_extension: str, audio_dir: str, target_fps: float, frames: int,
                 width: int, height: int, with_audio: bool, validation_split: float, kind: str, repeats: int,
-                reference_dir: str = "", reference_frames: int = 1, reference_downscale: int = 1,
+                frame_buckets: str = "", reference_dir: str = "", reference_frames: int = 1, reference_downscale: int = 1,
                 reference_audio_dir: str = "", reference_audio_same_speaker: bool = False,
                 reference_audio_seconds: float = 5.0) -> io.NodeOutput:
-        source = {"path": str(resolve_input_path(folder, "folder")), "kind": kind,
-                  "caption_extension": caption_extension.strip(), "audio_dir": audio_dir.strip(), "repeats": repeats,
-                  "reference_dir": reference_dir.strip(), "reference_audio_dir": reference_audio_dir.strip()}
-        config = Config.from_dict({"dataset": {
-            "sources": [source], "trigger": trigger.strip(), "target_fps": target_fps, "frames": frames, "width": width,
-            "height": height, "with_audio": with_audio, "validation_split": validation_split,
-            "reference_frames": reference_frames, "reference_downscale": reference_downscale,
-            "reference_audio_seconds": reference_audio_seconds, "reference_audio_same_speaker": reference_audio_same_speaker,
-        }})
+        config = dataset_from_widgets(folder, trigger, caption_extension, audio_dir, target_fps, frames, width, height,
+                                      with_audio, validation_split, kind, repeats, frame_buckets, reference_dir,
+                                      reference_frames, reference_downscale, reference_audio_dir,
+                                      reference_audio_same_speaker, reference_audio_seconds)
         scan = scan_dataset(config.dataset)
         if scan.errors:
             raise ValueError("LTX2AV Load Dataset: " + "; ".join(scan.errors))
+        check_items_readable(config.dataset)
         return io.NodeOutput(dataclasses.asdict(config.dataset))
 
 
@@ -195,6 +253,15 @@ class ExtractAudio(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, file: str = "", audio_stream: int = 0, **_):
+        # Re-read when the file is replaced or edited (its name alone stays the same).
+        try:
+            path = resolve_input_path(file, "file")
+        except ValueError as exc:
+            return f"unreadable: {exc}"
+        return (str(path), audio_stream, file_state(path))
+
+    @classmethod
     def execute(cls, file: str, audio_stream: int) -> io.NodeOutput:
         path = resolve_input_path(file, "file")
         try:
@@ -228,6 +295,16 @@ class CacheLatents(io.ComfyNode):
                 io.String.Output("summary", tooltip="What was encoded, reused and failed, with reasons."),
             ],
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, cache_name: str = "", decode_previews: bool = True, **_):
+        # The dataset's content reaches this node through Load Dataset's signature (ComfyUI's cache key holds every
+        # upstream node's). This adds the cache folder itself: deleted, it is rebuilt on the next queue.
+        try:
+            manifest = output_subfolder(CACHE_ROOT, cache_name, "cache_name") / "manifest.json"
+        except ValueError as exc:
+            return f"unusable: {exc}"
+        return (cache_name, decode_previews, manifest.is_file())
 
     @classmethod
     def execute(cls, dataset, model, vae, audio_vae, clip, cache_name: str, decode_previews: bool) -> io.NodeOutput:

@@ -33,7 +33,7 @@ from ..trainer.config import Config, ConfigError
 from ..trainer.io_utils import atomic_path, read_jsonl
 from ..trainer.training.loop import TrainingError
 from ..trainer.training.state import find_latest_state
-from .chart import ComfyTraining, chart_history
+from .chart import ComfyTraining, chart_history, queue_status
 from .config_widgets import config_from_widgets, training_widgets, widget_inputs
 from .types import (
     CATEGORY_TRAIN,
@@ -62,8 +62,10 @@ class TrainingConfig(io.ComfyNode):
             node_id="LTX2AV_TrainingConfig",
             display_name="LTX2AV Training Config",
             category=CATEGORY_TRAIN,
-            description="Every training option of the trainer (the same keys as the CLI's TOML config; each tooltip "
-                        "names its key). The dataset, cache, model version, run folder and device come from the other nodes.",
+            description="The training options, with the values recommended for a voice LoRA. The options that matter "
+                        "most are shown; every other trainer option is an advanced input (the same keys as the CLI's "
+                        "TOML config; each tooltip names its key). The dataset, cache, model version, run folder and "
+                        "device come from the other nodes, memory from ComfyUI's model management.",
             inputs=widget_inputs(training_widgets()),
             outputs=[ConfigType.Output("config", tooltip="The full trainer config (LTX2AV_CONFIG).")],
         )
@@ -94,6 +96,7 @@ def run_config(config_value: dict, cache: dict, run_dir: Path, run_name: str, mo
     if not isinstance(config_value, dict):
         raise ValueError("expected an LTX2AV_CONFIG value from the LTX2AV Training Config node")
     data = Config.from_dict(config_value).to_dict()
+    refuse_headless_options(data)
     cached = Config.from_dict(cache["config"])
     version = detect_comfy_version(ltxav_diffusion_model(model_patcher))
     if cached.model.version != version:
@@ -107,6 +110,21 @@ def run_config(config_value: dict, cache: dict, run_dir: Path, run_name: str, mo
     data["output"].update(dir=str(run_dir), name=safe_name(run_name, "run_name"), resume="auto")
     data["train"]["device"] = str(model_patcher.load_device)
     return Config.from_dict(data)
+
+
+def refuse_headless_options(data: dict) -> None:
+    """Options the Training Config does not offer because ComfyUI decides them (``[memory]``, the thread count)
+    must not arrive set from elsewhere: in ComfyUI they would be ignored without a word."""
+    defaults = Config().to_dict()
+    changed = [f"memory.{key}" for key, value in data["memory"].items() if value != defaults["memory"][key]]
+    if data["train"]["num_threads"] != defaults["train"]["num_threads"]:
+        changed.append("train.num_threads")
+    if changed:
+        raise ConfigError(
+            f"{', '.join(changed)}: headless options that ComfyUI decides itself (it loads, offloads and casts the "
+            "MODEL; fp8 weights come from the loader's weight_dtype, the attention kernel from ComfyUI's launch "
+            "options); leave them at their defaults in ComfyUI, or train with the ltx2-av-trainer command"
+        )
 
 
 def lora_file(config: Config, step: int) -> Path:
@@ -190,12 +208,11 @@ class TrainLoRA(io.ComfyNode):
         start = saved_step(run_dir)
         until = min(start + steps_per_queue, run.train.steps)
         if start >= run.train.steps:
-            log.info("LTX2AV Train LoRA: run %s already has %d of %d steps; raise train_steps in the Training Config to "
-                     "continue it, or use a new run_name", run_name, start, run.train.steps)
+            log.info("LTX2AV Train LoRA: %s", queue_status(run_name, start, start, run.train.steps))
         denoiser = ComfyDenoiser(model, run.model.version,
                                  checkpointing="block" if run.model.gradient_checkpointing else "none",
                                  cross_modal_sigma=run.model.cross_modal_sigma)
-        callbacks = ComfyTraining(node, run)
+        callbacks = ComfyTraining(node, run, until_step=until)
         # Nodes run under torch.inference_mode(); training needs autograd, and ComfyUI's training code path.
         with torch.inference_mode(False), torch.enable_grad(), comfy_training_mode():
             denoiser.load()  # after any sampling: loads the MODEL and makes its tensors trainable
@@ -223,20 +240,43 @@ class TrainLoRA(io.ComfyNode):
             "config": run.to_dict(),
         }
         rows = read_jsonl(run_dir / "metrics.jsonl")
-        return io.NodeOutput(lora, json.dumps(rows), ui={"ltx2av_history": chart_history(node, rows, run.train.steps)})
+        status = queue_status(run_name, start, result.step, run.train.steps)
+        return io.NodeOutput(lora, json.dumps(rows), ui={"ltx2av_history": chart_history(node, rows, run.train.steps),
+                                                         "ltx2av_status": [status]})
 
 
 # ---- Save LoRA ----------------------------------------------------------------------------------------------
 
 
-def lora_target(filename: str) -> Path:
-    """``<first ComfyUI loras folder>/<filename>.safetensors``; the name cannot leave that folder."""
+def same_file_content(a: Path, b: Path) -> bool:
+    if a.stat().st_size != b.stat().st_size:
+        return False
+    with a.open("rb") as first, b.open("rb") as second:
+        while True:
+            chunk = first.read(1 << 20)
+            if chunk != second.read(1 << 20):
+                return False
+            if not chunk:
+                return True
+
+
+def lora_target(filename: str, source: Path, overwrite: bool = False) -> Path:
+    """Where Save LoRA writes: ``<first ComfyUI loras folder>/<filename>.safetensors``, or, when that file exists
+    with other content and ``overwrite`` is off, the first free ``<filename>_00001.safetensors``,
+    ``<filename>_00002.safetensors``, ... (a file that already holds this LoRA is reused). The name cannot leave
+    the folder."""
     import folder_paths
 
-    name = safe_name(filename, "filename")
-    if not name.lower().endswith(".safetensors"):
-        name += ".safetensors"
-    return Path(folder_paths.get_folder_paths("loras")[0]) / name
+    stem = safe_name(filename, "filename")
+    if stem.lower().endswith(".safetensors"):
+        stem = stem[: -len(".safetensors")]
+    folder = Path(folder_paths.get_folder_paths("loras")[0])
+    target = folder / f"{stem}.safetensors"
+    counter = 0
+    while not overwrite and target.is_file() and not same_file_content(target, source):
+        counter += 1
+        target = folder / f"{stem}_{counter:05d}.safetensors"
+    return target
 
 
 class SaveLoRA(io.ComfyNode):
@@ -246,22 +286,28 @@ class SaveLoRA(io.ComfyNode):
             node_id="LTX2AV_SaveLoRA",
             display_name="LTX2AV Save LoRA",
             category=CATEGORY_TRAIN,
-            description="Copies the trained LoRA into ComfyUI's loras folder, where LoraLoaderModelOnly finds it.",
+            description="Copies the trained LoRA into ComfyUI's loras folder, where LoraLoaderModelOnly finds it. An "
+                        "existing file is never replaced unless overwrite is on: the copy gets the next free number.",
             inputs=[
                 LoRAType.Input("lora", tooltip="From LTX2AV Train LoRA."),
                 io.String.Input("filename", default="my_character_av", tooltip="File name in ComfyUI's loras folder (a plain name; .safetensors is added)."),
+                io.Boolean.Input("overwrite", default=False, tooltip="Off: when the file exists with another LoRA, save as <filename>_00001.safetensors, _00002, ... (as ComfyUI's own save nodes count). On: replace <filename>.safetensors."),
             ],
             outputs=[io.String.Output("path", tooltip="Where the LoRA was written.")],
             is_output_node=True,
         )
 
     @classmethod
-    def execute(cls, lora, filename: str) -> io.NodeOutput:
+    def execute(cls, lora, filename: str, overwrite: bool = False) -> io.NodeOutput:
         source = Path(lora_payload(lora)["path"])
         if not source.is_file():
             raise FileNotFoundError(f"{source}: the LoRA file of this run is missing; train again")
-        target = lora_target(filename)
-        with atomic_path(target) as tmp:
-            shutil.copyfile(source, tmp)
-        log.info("LTX2AV Save LoRA: %s → %s", source, target)
-        return io.NodeOutput(str(target))
+        target = lora_target(filename, source, overwrite)
+        if target.is_file() and same_file_content(target, source):
+            text = f"{target.name} already holds this LoRA (step {lora['step']})"
+        else:
+            with atomic_path(target) as tmp:
+                shutil.copyfile(source, tmp)
+            text = f"saved step {lora['step']} as {target.name}"
+        log.info("LTX2AV Save LoRA: %s (%s)", text, target)
+        return io.NodeOutput(str(target), ui={"text": [text]})

@@ -15,6 +15,7 @@ ComfyUI values: ``AUDIO`` is ``{"waveform": [B, C, S] float, "sample_rate": int}
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -86,17 +87,67 @@ def output_subfolder(root: str, name: str, what: str) -> Path:
     return Path(folder_paths.get_output_directory()) / root / safe_name(name, what)
 
 
-def resolve_input_path(path: str, what: str) -> Path:
-    """A user-given path; a relative one is read from ComfyUI's input folder."""
+# ---- what nodes may read ---------------------------------------------------------------------------------
+
+# A server-side setting only: the environment of the process that starts ComfyUI. A remote client can change
+# ComfyUI's settings and user files, but not this.
+DATASET_ROOTS_ENV = "LTX2AV_DATASET_ROOTS"
+
+
+def readable_roots() -> list[Path]:
+    """The folders nodes may read media from: ComfyUI's input folder, the pack's cache and run folders under
+    ComfyUI's output folder, and the folders the server's owner listed in ``LTX2AV_DATASET_ROOTS``."""
+    import folder_paths
+
+    output = Path(folder_paths.get_output_directory())
+    roots = [Path(folder_paths.get_input_directory()), output / CACHE_ROOT, output / RUNS_ROOT]
+    extra = os.environ.get(DATASET_ROOTS_ENV, "")
+    roots += [Path(entry.strip()).expanduser() for entry in extra.split(os.pathsep) if entry.strip()]
+    return [Path(os.path.abspath(root)) for root in roots]
+
+
+def is_readable(path: Path) -> bool:
+    """Whether ``path`` (made absolute, '..' resolved by name) lies in one of ``readable_roots``. Links inside a
+    root are followed: only the server's owner can place them there."""
+    absolute = Path(os.path.abspath(path))
+    return any(absolute == root or root in absolute.parents for root in readable_roots())
+
+
+def outside_roots_message(what: str, given: str, path: Path) -> str:
+    import folder_paths
+
+    return (f"{what} {given!r} ({path}) is outside the folders ComfyUI nodes may read: ComfyUI's input folder "
+            f"({folder_paths.get_input_directory()}) and output/{CACHE_ROOT}, output/{RUNS_ROOT}. Put the files in "
+            f"ComfyUI's input folder, or let the server read that folder: start ComfyUI with the environment "
+            f"variable {DATASET_ROOTS_ENV}=<folder> (several separated by '{os.pathsep}'); see the README, "
+            "\"Datasets outside ComfyUI's input folder\"")
+
+
+def resolve_input_path(path: str, what: str, relative_to: list[Path] | None = None) -> Path:
+    """A user-given path, confined to ``readable_roots``. A relative path is read from the first of
+    ``relative_to`` (default: ComfyUI's input folder) where it exists."""
     import folder_paths
 
     raw = path.strip()
     if not raw:
-        raise ValueError(f"{what} is empty; give an absolute path or one relative to ComfyUI's input folder")
+        raise ValueError(f"{what} is empty; give a path relative to ComfyUI's input folder")
     candidate = Path(raw).expanduser()
     if not candidate.is_absolute():
-        candidate = Path(folder_paths.get_input_directory()) / candidate
+        bases = relative_to or [Path(folder_paths.get_input_directory())]
+        candidate = next((base / candidate for base in bases if (base / candidate).exists()), bases[0] / candidate)
+    candidate = Path(os.path.abspath(candidate))
+    if not is_readable(candidate):
+        raise ValueError(outside_roots_message(what, raw, candidate))
     return candidate
+
+
+def file_state(path: Path) -> tuple:
+    """(size, modification time) of a file, or ("absent",): what changes when the file is replaced or edited."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return ("absent",)
+    return (stat.st_size, stat.st_mtime_ns)
 
 
 # ---- AUDIO and IMAGE -----------------------------------------------------------------------------

@@ -26,23 +26,23 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from comfy_server import REPO_ROOT, prepare_base_directory
+from build_workflows import CHARACTER_LTX2, CHARACTER_LTX23, VOICE_CHECK_LTX2, WORKFLOWS_DIR
+from comfy_server import prepare_base_directory
+from mode_workflows import MODE_WORKFLOW_FILES
 from workflow_format import nodes_of, set_inputs, ui_to_api
 
 from ltx2_av_trainer.trainer.config import TinyModelConfig
 from ltx2_av_trainer.trainer.io_utils import save_safetensors_atomic
 
 TINY = TinyModelConfig()
-WORKFLOWS = REPO_ROOT / "workflows"
+WORKFLOWS = WORKFLOWS_DIR
 TEST_PACK = Path(__file__).resolve().parent / "comfy_test_pack"
 
 # The files of ComfyUI's official LTX-2 / LTX-2.3 templates (see tests/build_workflows.py).
 CHECKPOINTS = {"2.0": "ltx-2-19b-dev-fp8.safetensors", "2.3": "ltx-2.3-22b-dev-fp8.safetensors"}
 TEXT_ENCODER = "gemma_3_12B_it_fp4_mixed.safetensors"
-WORKFLOW_VERSION = {"ltx2_av_character_lora.json": "2.0", "ltx23_av_character_lora.json": "2.3",
-                    "ltx2_voice_check.json": "2.0"}
-WORKFLOW_VERSION.update({"ltx2_audio_only_lora.json": "2.0", "ltx2_i2v_lora.json": "2.0", "ltx2_ic_lora.json": "2.0",
-                         "ltx2_id_lora.json": "2.0"})  # the training modes' workflows (tests/mode_workflows.py)
+WORKFLOW_VERSION = {CHARACTER_LTX2: "2.0", CHARACTER_LTX23: "2.3", VOICE_CHECK_LTX2: "2.0"}
+WORKFLOW_VERSION.update({name: "2.0" for name in MODE_WORKFLOW_FILES})  # the training modes' (mode_workflows.py)
 
 NO_COMFYUI = "COMFYUI_PATH is not set: point it at a ComfyUI checkout to run the ComfyUI tier (make test-comfyui)"
 

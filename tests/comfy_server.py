@@ -89,6 +89,7 @@ class ComfyServer:
     base_dir: Path
     port: int
     log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen | None = None
     _object_info: dict | None = field(default=None, repr=False)
 
@@ -110,7 +111,8 @@ class ComfyServer:
             "--database-url", "sqlite:///:memory:",
             "--disable-auto-launch",
         ]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
+               **self.env}
         log = open(self.log_path, "w", encoding="utf-8")
         self.process = subprocess.Popen(
             command, cwd=self.comfyui_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -160,6 +162,9 @@ class ComfyServer:
 
     def get_json(self, path: str) -> Any:
         return json.loads(self._request(path))
+
+    def get_bytes(self, path: str) -> bytes:
+        return self._request(path)
 
     def get_text(self, path: str) -> str:
         return self._request(path).decode("utf-8")
@@ -261,10 +266,11 @@ class ComfyServer:
 
 @contextlib.contextmanager
 def running_comfyui(
-    comfyui_path: Path, base_dir: Path, timeout_s: float = 120.0
+    comfyui_path: Path, base_dir: Path, timeout_s: float = 120.0, env: dict[str, str] | None = None
 ) -> Iterator[ComfyServer]:
-    """A started server on a free localhost port; stopped (and its log kept in ``base_dir``) on exit."""
-    server = ComfyServer(comfyui_path, base_dir, free_port(), base_dir / "comfyui.log")
+    """A started server on a free localhost port; stopped (and its log kept in ``base_dir``) on exit. ``env``: extra
+    environment variables of the server process (server-side settings)."""
+    server = ComfyServer(comfyui_path, base_dir, free_port(), base_dir / "comfyui.log", env=env or {})
     server.start(timeout_s)
     try:
         yield server

@@ -4,10 +4,10 @@ workflow here).
 
 | workflow | trains | samples with |
 |---|---|---|
-| ``ltx2_audio_only_lora.json`` | audio-only (an audio folder) | ``EmptyLTXVLatentVideo`` 64x64 stand-in + ``LTXVEmptyLatentAudio`` |
-| ``ltx2_i2v_lora.json`` | first-frame conditioning | ``LTXVImgToVideo`` |
-| ``ltx2_ic_lora.json`` | IC-LoRA with reference videos | ``GetICLoRAParameters`` + ``LTXVAddGuide``, ``LTXVCropGuides`` |
-| ``ltx2_id_lora.json`` | ID-LoRA (another clip of the speaker as reference) | ``LTXVReferenceAudio`` |
+| ``LTX-2 audio-only voice LoRA.json`` | audio-only (an audio folder) | ``EmptyLTXVLatentVideo`` 64x64 stand-in + ``LTXVEmptyLatentAudio`` |
+| ``LTX-2 first-frame (image-to-video) LoRA.json`` | first-frame conditioning | ``LTXVImgToVideo`` |
+| ``LTX-2 IC-LoRA (video-to-video).json`` | IC-LoRA with reference videos | ``GetICLoRAParameters`` + ``LTXVAddGuide``, ``LTXVCropGuides`` |
+| ``LTX-2 ID-LoRA (reference voice).json`` | ID-LoRA (another clip of the speaker as reference) | ``LTXVReferenceAudio`` |
 
 The sampling half is ComfyUI's LTX-2 path (``LTXVConditioning``, ``LTXVConcatAVLatent``, ``LTXVScheduler``,
 ``CFGGuider``, ``SamplerCustomAdvanced``, ``LTXVSeparateAVLatent``, the decoders); the trained LoRA reaches the
@@ -30,10 +30,10 @@ IC_REFERENCE_VIDEO = "ltx2av_ic_reference.mp4"
 REFERENCE_VOICE = "ltx2av_reference_voice.wav"
 
 MODE_WORKFLOW_FILES = {
-    "ltx2_audio_only_lora.json": "audio",
-    "ltx2_i2v_lora.json": "i2v",
-    "ltx2_ic_lora.json": "ic",
-    "ltx2_id_lora.json": "id",
+    "LTX-2 audio-only voice LoRA.json": "audio",
+    "LTX-2 first-frame (image-to-video) LoRA.json": "i2v",
+    "LTX-2 IC-LoRA (video-to-video).json": "ic",
+    "LTX-2 ID-LoRA (reference voice).json": "id",
 }
 SAMPLE_FRAMES, SAMPLE_WIDTH, SAMPLE_HEIGHT = 97, 768, 512
 PROMPT = (f"{TRIGGER}, a person looks into the camera in a quiet, softly lit room and says clearly: "
@@ -179,13 +179,6 @@ def id_lora(object_info: dict, file_name: str) -> dict:
     return builder.workflow(file_name)
 
 
-def mode_workflow_builders(object_info: dict) -> dict:
-    """{file name: builder(file name) → workflow} for ``build_workflows.build_all``."""
-    functions = {"audio": audio_only_lora, "i2v": first_frame_lora, "ic": ic_lora, "id": id_lora}
-    return {name: (lambda file_name, f=functions[mode]: f(object_info, file_name))
-            for name, mode in MODE_WORKFLOW_FILES.items()}
-
-
 COMMON_STEPS = """Each queue trains *steps_per_queue* more steps of `output/ltx2av_runs/{name}` (Cancel keeps a resumable
 state); then the LoRA is applied with ComfyUI's own loader and the right half samples with ComfyUI's own LTX-2
 nodes. Later, sample with `Load LoRA (model only)` on `models/loras/{name}.safetensors` instead of Apply."""
@@ -229,3 +222,9 @@ ID_NOTE = """## LTX-2 ID-LoRA (voice from a reference clip)
 3. **Generate**: about 5 s of the voice in `ComfyUI/input/""" + REFERENCE_VOICE + """`; `LTXV Reference Audio`
    conditions on it (identity guidance 3).
 """
+
+
+# file name → builder(object_info, file name) → workflow, for ``build_workflows.build_all``.
+MODE_BUILD_FUNCTIONS = {"audio": audio_only_lora, "i2v": first_frame_lora, "ic": ic_lora, "id": id_lora}
+MODE_WORKFLOW_BUILDERS = {name: (lambda info, file_name, f=MODE_BUILD_FUNCTIONS[mode]: f(info, file_name))
+                          for name, mode in MODE_WORKFLOW_FILES.items()}

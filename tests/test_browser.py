@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from build_workflows import CHARACTER_LTX2
 from cdp_browser import Page, chromium_missing_reason, chromium_page
 from comfy_e2e import NO_COMFYUI, WORKFLOW_VERSION, load_workflow, prepare_test_home, tiny_prompt
 from comfy_server import PACK_FOLDER_NAME, comfyui_checkout, free_port, running_comfyui
@@ -137,7 +138,7 @@ def test_shipped_workflows_load_with_every_node_and_the_chart(server, tmp_path):
 
 
 def test_chart_draws_live_training_and_comes_back_after_a_reload(server, tmp_path):
-    name = "ltx2_av_character_lora.json"
+    name = CHARACTER_LTX2
     prompt = tiny_prompt(server.object_info(), name)
     train = nodes_of(prompt, TRAIN_NODE)[0]
     set_inputs(prompt, "LTX2AV_TrainingConfig", train_steps=CHART_STEPS)
@@ -167,15 +168,26 @@ def test_chart_draws_live_training_and_comes_back_after_a_reload(server, tmp_pat
                 if len(seen) > 3000:
                     raise AssertionError(f"the chart did not reach {CHART_STEPS} steps: {state}")
                 await asyncio.sleep(0.1)
+            # The node's result (the whole run and the queue's status line) follows the last live step.
+            state = await page.wait_for(f"(() => {{ const s = {CHART_STATE}({train}); "
+                                        "return s.status.includes('the run is complete') ? s : null; })()", 30)
             await screenshot_around(page, train, ARTIFACTS / "ltx2av_train_chart.png")
 
             await open_app(page, server.url)  # a page reload: the workflow comes back, the chart starts empty
             restored = await page.wait_for(
                 f"(() => {{ const s = {CHART_STATE}({train}); return s && s.steps.length ? s : null; }})()", 30)
             await screenshot_around(page, train, ARTIFACTS / "ltx2av_train_chart_after_reload.png")
+
+            # Queued again, the finished run says so on the node.
+            client_id = await page.evaluate("window.comfyAPI.api.api.clientId")
+            again_id = await asyncio.to_thread(server.queue, prompt, client_id)
+            await asyncio.to_thread(server.wait_for, again_id)
+            again = await page.wait_for(f"(() => {{ const s = {CHART_STATE}({train}); "
+                                        "return s.status.includes('already trained') ? s : null; })()", 30)
+            await screenshot_around(page, train, ARTIFACTS / "ltx2av_train_already_trained.png")
             save_console(page, "console_chart.txt")
             return {"before": before, "foreign": foreign, "seen": seen, "final": state, "restored": restored,
-                    "entry": server.history(prompt_id), "pack_errors": pack_errors(page)}
+                    "entry": server.history(prompt_id), "again": again, "pack_errors": pack_errors(page)}
 
     result = asyncio.run(scenario())
     assert result["entry"].status == "success"
@@ -189,3 +201,114 @@ def test_chart_draws_live_training_and_comes_back_after_a_reload(server, tmp_pat
     assert final["lossPixels"] > 50, "no video-loss line was drawn"
     assert (result["restored"]["steps"], result["restored"]["status"]) == (final["steps"], final["status"])
     assert result["restored"]["lossPixels"] > 50
+    # The queue's own line leads the status: what it trained, and then that the run has all its steps.
+    assert f"trained steps 1-{CHART_STEPS}; the run is complete" in final["status"]
+    assert f"already trained {CHART_STEPS} of {CHART_STEPS} steps" in result["again"]["status"], result["again"]
+
+
+CONFIG_NODE = "LTX2AV_TrainingConfig"
+CONFIG_STATE = """((id) => {
+  const app = window.comfyAPI.app.app;
+  const node = app.graph.getNodeById(id);
+  return {
+    visible: node.widgets.filter((w) => node.isWidgetVisible(w)).map((w) => w.name),
+    values: Object.fromEntries(node.widgets.map((w) => [w.name, w.value])),
+    height: node.size[1],
+    menu: (app.canvas.getNodeMenuOptions(node) ?? []).filter(Boolean).map((o) => o.content),
+  };
+})"""
+
+
+def test_training_config_shows_a_dozen_options_and_keeps_saved_values_on_their_widgets(server, tmp_path):
+    """What a person sees: the shown options with their recommended values, the rest folded behind the node's
+    "Show Advanced" (ComfyUI's advanced inputs), and a workflow saved before the last option was appended loads
+    every value onto the widget it was saved from."""
+    from test_training_config_widgets import RELEASED_ORDER
+
+    info = server.object_info()[CONFIG_NODE]
+    order = info["input_order"]["required"]
+    shown = [name for name in order if not info["input"]["required"][name][1].get("advanced")]
+    workflow = load_workflow(CHARACTER_LTX2)
+    config_node = next(n for n in workflow["nodes"] if n["type"] == CONFIG_NODE)
+    saved = dict(zip(order, config_node["widgets_values"]))
+    # An older save: every value set to something else than the default, and the last option not yet there.
+    older = json.loads(json.dumps(workflow))
+    values = next(n for n in older["nodes"] if n["type"] == CONFIG_NODE)["widgets_values"]
+    changed = {"train_steps": 1234, "network_rank": 16, "optimizer_lr": 0.0002, "logging_quiet": True,
+               "validation_sigmas": "0.2, 0.8"}
+    for name, value in changed.items():
+        values[order.index(name)] = value
+    del values[-1]
+
+    async def scenario() -> dict:
+        async with chromium_page(tmp_path / "profile", free_port()) as page:
+            await open_app(page, server.url)
+            await page.evaluate(f"{LOAD_TEMPLATE}({json.dumps(CHARACTER_LTX2)})")
+            node_id = str(config_node["id"])
+            folded = await page.evaluate(f"{CONFIG_STATE}({node_id})")
+            await screenshot_around(page, node_id, ARTIFACTS / "training_config.png")
+            await page.evaluate(f"window.comfyAPI.app.app.graph.getNodeById({node_id}).toggleAdvanced()")
+            unfolded = await page.evaluate(f"{CONFIG_STATE}({node_id})")
+            await screenshot_around(page, node_id, ARTIFACTS / "training_config_advanced.png")
+            await page.evaluate(f"window.comfyAPI.app.app.loadGraphData({json.dumps(older)}, true, true, 'older')")
+            reloaded = await page.evaluate(f"{CONFIG_STATE}({node_id})")
+            return {"folded": folded, "unfolded": unfolded, "reloaded": reloaded, "pack_errors": pack_errors(page)}
+
+    result = asyncio.run(scenario())
+    assert result["pack_errors"] == []
+    folded = result["folded"]
+    assert folded["visible"] == shown and len(shown) < 16 and folded["height"] < 500, folded
+    assert "Show Advanced" in folded["menu"]
+    assert folded["values"] == saved  # every option is there, folded or not, with the shipped values
+    assert result["unfolded"]["visible"] == order and result["unfolded"]["height"] > 1500
+    reloaded = result["reloaded"]["values"]
+    for name in order[:-1]:
+        assert reloaded[name] == changed.get(name, saved[name]), name
+    assert reloaded[order[-1]] == info["input"]["required"][order[-1]][1]["default"]
+    assert tuple(order[: len(RELEASED_ORDER)]) == RELEASED_ORDER
+
+
+OPEN_TEMPLATES = """(async () => {
+  await window.comfyAPI.app.app.extensionManager.command.execute("Comfy.BrowseTemplates");
+  const findPack = () => [...document.querySelectorAll("[role=dialog] *")].find((e) => e.children.length === 0 &&
+                                                                                 e.textContent.trim() === "%s");
+  for (let i = 0; i < 200 && !findPack(); i++) await new Promise((r) => setTimeout(r, 100));
+  const pack = findPack();
+  (pack?.closest("button, a, li, [role=button], [role=option]") ?? pack)?.click();
+  return !!pack;
+})()""" % PACK_FOLDER_NAME
+
+TEMPLATE_CARDS = """(() => {
+  const dialog = document.querySelector("[role=dialog]");
+  if (!dialog) return {text: "", images: []};
+  // The frontend fetches each picture and shows it from a blob: URL; its size says which picture it is.
+  const images = [...dialog.querySelectorAll("img")];
+  return {
+    text: dialog.innerText,
+    images: images.map((img) => ({loaded: img.complete && img.naturalWidth > 0, size: [img.naturalWidth, img.naturalHeight]})),
+  };
+})()"""
+
+
+def test_template_browser_lists_the_workflows_with_titles_and_pictures(server, tmp_path):
+    async def scenario() -> dict:
+        async with chromium_page(tmp_path / "profile", free_port()) as page:
+            await open_app(page, server.url)
+            found = await page.evaluate(OPEN_TEMPLATES)
+            cards = await page.wait_for(f"(() => {{ const c = {TEMPLATE_CARDS}; "
+                                        f"return c.images.length >= {len(WORKFLOW_VERSION)} && "
+                                        "c.images.every((i) => i.loaded) ? c : null; })()", 60)
+            await asyncio.sleep(1.0)  # the cards' fade-in
+            await page.screenshot(ARTIFACTS / "template_browser.png")
+            return {"found": found, "cards": cards, "pack_errors": pack_errors(page)}
+
+    from build_workflows import THUMBNAIL_SIZE
+
+    result = asyncio.run(scenario())
+    assert result["found"], "the template browser has no entry for this pack"
+    cards = result["cards"]
+    assert f"Showing {len(WORKFLOW_VERSION)} of {len(WORKFLOW_VERSION)} templates" in cards["text"]
+    for name in WORKFLOW_VERSION:
+        assert name.removesuffix(".json") in cards["text"], f"{name} is not shown with its title"
+    assert [image["size"] for image in cards["images"]] == [list(THUMBNAIL_SIZE)] * len(WORKFLOW_VERSION), cards
+    assert result["pack_errors"] == []

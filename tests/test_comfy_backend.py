@@ -516,3 +516,21 @@ def test_clear_errors_for_wrong_version_and_inputs(checkpoints):
             denoiser(DenoiserInput(good.video, good.audio, good.sigma_video, None, good.text, good.fps))
         with pytest.raises(ValueError, match="sigma_video must be"):
             denoiser(DenoiserInput(good.video, good.audio, good.sigma_video[:1], good.sigma_audio, good.text, good.fps))
+
+
+@pytest.mark.comfyui
+def test_fingerprint_is_remembered_per_loaded_model(checkpoints, monkeypatch):
+    """A queue makes a new ComfyDenoiser for the MODEL the loader keeps: its fingerprint must not read the weights
+    again (on a 19B model the old full checksum took minutes per queue)."""
+    import ltx2_av_trainer.trainer.backends.comfyui.denoiser as denoiser_module
+    from ltx2_av_trainer.trainer.backends.comfyui.denoiser import ComfyDenoiser
+
+    calls = []
+    identity = denoiser_module.weights_identity
+    monkeypatch.setattr(denoiser_module, "weights_identity", lambda *a, **k: calls.append(1) or identity(*a, **k))
+    model = load_like_a_node(checkpoints["2.3"])
+    first = ComfyDenoiser(model, "2.3").fingerprint()
+    assert ComfyDenoiser(model, "2.3").fingerprint() == ComfyDenoiser(model.clone(), "2.3").fingerprint() == first
+    assert len(calls) == 1
+    other = load_like_a_node(checkpoints["2.3"])  # the same file loaded again: another object, the same identity
+    assert ComfyDenoiser(other, "2.3").fingerprint() == first and len(calls) == 2

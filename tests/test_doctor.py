@@ -273,7 +273,8 @@ def test_strict_mode_and_run_doctor_writes_json_atomically(corpus_folder, tmp_pa
     assert not [p for p in out.parent.iterdir() if p.name.startswith(TMP_PREFIX)]
     assert run_doctor(config).exit_code == 0  # not strict: errors are reported, usable items remain
 
-    clean = DatasetConfig(sources=[DatasetSource(path=str(tmp_path / "clean"))], trigger="ohwx")
+    clean = DatasetConfig(sources=[DatasetSource(path=str(tmp_path / "clean"))], trigger="ohwx", frames=25,
+                          frame_buckets=[], width=64, height=64)
     corpus.talking_clip(tmp_path / "clean" / "one.mp4", seconds=1.2)
     corpus.write_caption(tmp_path / "clean" / "one.mp4", "ohwx talks")
     assert diagnose(clean, strict=True).exit_code == 0

@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
+from urllib.parse import quote
 
 import av
 import pytest
 from safetensors import safe_open
 
+from build_workflows import CHARACTER_LTX2, CHARACTER_LTX23, VOICE_CHECK_LTX2
 from comfy_e2e import (
     FRAMES,
     NO_COMFYUI,
@@ -31,7 +34,7 @@ from comfy_e2e import (
     prepare_test_home,
     tiny_prompt,
 )
-from comfy_server import PACK_FOLDER_NAME, ComfyServer, comfyui_checkout, running_comfyui
+from comfy_server import PACK_FOLDER_NAME, ComfyServer, ComfyServerError, comfyui_checkout, running_comfyui
 from workflow_format import nodes_of, set_inputs, ui_to_api, upstream_of
 
 
@@ -55,13 +58,17 @@ AUDIO_MODULES = ("audio_attn1", "audio_attn2", "audio_to_video_attn", "video_to_
 # ---- the server ---------------------------------------------------------------------------------------------
 
 
+ALLOWED_ELSEWHERE = "datasets_elsewhere"  # a folder outside ComfyUI's; the server's owner allows it
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     comfyui = comfyui_checkout()
     if comfyui is None:
         pytest.skip(NO_COMFYUI)
     base = prepare_test_home(tmp_path_factory.mktemp("comfy_e2e"), comfyui)
-    with running_comfyui(comfyui, base) as running:
+    (base / ALLOWED_ELSEWHERE).mkdir()
+    with running_comfyui(comfyui, base, env={"LTX2AV_DATASET_ROOTS": str(base / ALLOWED_ELSEWHERE)}) as running:
         yield running
 
 
@@ -137,11 +144,14 @@ def test_pack_imports_cleanly_and_serves_its_web_parts(server):
     for node_id in sorted(NODE_IDS):
         server.get_text(f"/extensions/{PACK_FOLDER_NAME}/docs/{node_id}.md")
 
-    # The template browser lists and serves the shipped workflows.
+    # The template browser lists and serves the shipped workflows, titled by their readable file names, each with
+    # the thumbnail the frontend asks for (<name>.jpg next to the workflow).
     assert sorted(server.get_json("/workflow_templates")[PACK_FOLDER_NAME]) == sorted(n[:-5] for n in SHIPPED)
     for name in SHIPPED:
-        served = server.get_json(f"/api/workflow_templates/{PACK_FOLDER_NAME}/{name}")
+        served = server.get_json(f"/api/workflow_templates/{PACK_FOLDER_NAME}/{quote(name)}")
         assert served == load_workflow(name)
+        picture = server.get_bytes(f"/api/workflow_templates/{PACK_FOLDER_NAME}/{quote(name[:-5])}.jpg")
+        assert picture[:3] == b"\xff\xd8\xff", f"{name}: the thumbnail is not a JPEG"
 
 
 @server_test
@@ -169,14 +179,14 @@ def test_every_shipped_workflow_matches_the_node_schemas(server):
 def character_runs(server):
     """Both character workflows, run once each: {workflow name: (prompt, history entry)}."""
     runs = {}
-    for name in ("ltx2_av_character_lora.json", "ltx23_av_character_lora.json"):
+    for name in (CHARACTER_LTX2, CHARACTER_LTX23):
         prompt = tiny_prompt(server.object_info(), name)
         runs[name] = (prompt, server.run(prompt, timeout_s=600))
     return runs
 
 
 @server_test
-@pytest.mark.parametrize("name", ["ltx2_av_character_lora.json", "ltx23_av_character_lora.json"])
+@pytest.mark.parametrize("name", [CHARACTER_LTX2, CHARACTER_LTX23])
 def test_character_workflow_trains_saves_checks_and_samples(server, character_runs, name):
     prompt, entry = character_runs[name]
     outputs = entry.outputs
@@ -193,6 +203,10 @@ def test_character_workflow_trains_saves_checks_and_samples(server, character_ru
         assert re.search(rf"\b{group}=[1-9]", verify_text), f"no {group} module applied:\n{verify_text}"
 
     # The A/B renders were written as videos with sound, and both voices are playable.
+    # Each A/B voice gets a Voice Score against the dataset's voice.
+    scores = [outputs[node]["text"][0] for node in nodes_of(prompt, "LTX2AV_VoiceScore")]
+    assert len(scores) == 2 and all(text.startswith("voice score ") for text in scores), scores
+
     videos = [item for node in nodes_of(prompt, "SaveVideo") for item in outputs[node]["images"]]
     audios = [item for node in nodes_of(prompt, "PreviewAudio") for item in outputs[node]["audio"]]
     assert len(videos) == 2 and len(audios) >= 2
@@ -203,7 +217,7 @@ def test_character_workflow_trains_saves_checks_and_samples(server, character_ru
 
 
 @server_test
-@pytest.mark.parametrize("name", ["ltx2_av_character_lora.json", "ltx23_av_character_lora.json"])
+@pytest.mark.parametrize("name", [CHARACTER_LTX2, CHARACTER_LTX23])
 def test_saved_lora_loads_in_loraloadermodelonly_without_dropped_keys(server, character_runs, name):
     prompt, _ = character_runs[name]
     lora_file = saved_lora(server, prompt)
@@ -235,7 +249,7 @@ def test_dropped_lora_keys_do_show_in_the_server_log(server, character_runs):
     """The check above can fail: a key in diffusers naming (which ComfyUI does not map) is reported."""
     from safetensors.torch import load_file, save_file
 
-    prompt, _ = character_runs["ltx2_av_character_lora.json"]
+    prompt, _ = character_runs[CHARACTER_LTX2]
     lora_file = saved_lora(server, prompt)
     tensors = load_file(lora_file)
     down = next(key for key in tensors if key.startswith("diffusion_model.") and key.endswith(".lora_A.weight"))
@@ -251,9 +265,9 @@ def test_dropped_lora_keys_do_show_in_the_server_log(server, character_runs):
 
 @server_test
 def test_voice_check_workflow_verifies_and_compares_a_saved_lora(server, character_runs):
-    character_prompt, _ = character_runs["ltx2_av_character_lora.json"]
+    character_prompt, _ = character_runs[CHARACTER_LTX2]
     saved = saved_lora(server, character_prompt).name
-    prompt = tiny_prompt(server.object_info(), "ltx2_voice_check.json")
+    prompt = tiny_prompt(server.object_info(), VOICE_CHECK_LTX2)
     shipped_name = prompt[one_node(prompt, "LTX2AV_VerifyLoRAKeys")]["inputs"]["lora_name"]
     assert shipped_name == saved, "the voice check workflow should pick the character workflow's LoRA by default"
 
@@ -261,6 +275,9 @@ def test_voice_check_workflow_verifies_and_compares_a_saved_lora(server, charact
     verify_text = entry.outputs[one_node(prompt, "LTX2AV_VerifyLoRAKeys")]["text"][0]
     assert saved in verify_text and "keys ComfyUI does not load" not in verify_text, verify_text
     assert len([n for n in nodes_of(prompt, "SaveVideo") if entry.outputs[n]["images"]]) == 2
+    # The voice scores use the cache the character workflow built, named in reference_file.
+    scores = [entry.outputs[node]["text"][0] for node in nodes_of(prompt, "LTX2AV_VoiceScore")]
+    assert len(scores) == 2 and all(text.startswith("voice score ") for text in scores), scores
 
 
 # ---- Cancel and resume ------------------------------------------------------------------------------------------
@@ -268,7 +285,7 @@ def test_voice_check_workflow_verifies_and_compares_a_saved_lora(server, charact
 
 @server_test
 def test_interrupt_mid_training_keeps_state_and_the_next_queue_resumes(server):
-    prompt = tiny_prompt(server.object_info(), "ltx2_av_character_lora.json")
+    prompt = tiny_prompt(server.object_info(), CHARACTER_LTX2)
     train = one_node(prompt, "LTX2AV_TrainLoRA")
     set_inputs(prompt, "LTX2AV_TrainingConfig", train_steps=400)
     set_inputs(prompt, "LTX2AV_TrainLoRA", steps_per_queue=400, run_name="interrupted_run")
@@ -301,3 +318,262 @@ def test_interrupt_mid_training_keeps_state_and_the_next_queue_resumes(server):
     server.run_with_events(prompt, until_done, timeout_s=300)
     assert resumed == [stopped_at + 1, stopped_at + 2]
     assert saved_step(run_dir) == stopped_at + 2
+
+
+# ---- the graph notices changed data (issue: graphs that notice changes) ------------------------------------------
+
+
+def cached_nodes(entry) -> set[str]:
+    """The nodes ComfyUI took from its execution cache for this prompt."""
+    data = entry.message("execution_cached") or {}
+    return set(data.get("nodes", []))
+
+
+def preview_text(entry, prompt: dict, source_class: str) -> str:
+    """The text a PreviewAny shows for the output of the ``source_class`` node."""
+    source = one_node(prompt, source_class)
+    preview = next(node for node in nodes_of(prompt, "PreviewAny") if prompt[node]["inputs"]["source"][0] == source)
+    return entry.outputs[preview]["text"][0]
+
+
+@server_test
+def test_added_clip_is_cached_on_the_next_queue_and_an_unchanged_dataset_stays_cached(server):
+    folder = server.base_dir / "input" / "growing_dataset"
+    shutil.copytree(server.base_dir / "input" / "ltx2av_dataset", folder)
+    prompt = tiny_prompt(server.object_info(), CHARACTER_LTX2)
+    set_inputs(prompt, "LTX2AV_LoadDataset", folder="growing_dataset")
+    set_inputs(prompt, "LTX2AV_CacheLatents", cache_name="growing", decode_previews=False)
+    cache_preview = next(n for n in nodes_of(prompt, "PreviewAny")
+                         if prompt[n]["inputs"]["source"][0] == one_node(prompt, "LTX2AV_CacheLatents"))
+    doctor_preview = next(n for n in nodes_of(prompt, "PreviewAny")
+                          if prompt[n]["inputs"]["source"][0] == one_node(prompt, "LTX2AV_DatasetDoctor"))
+    branch = upstream_of(prompt, cache_preview) | upstream_of(prompt, doctor_preview)
+    data_nodes = {one_node(branch, kind) for kind in ("LTX2AV_LoadDataset", "LTX2AV_DatasetDoctor", "LTX2AV_CacheLatents")}
+    clips = sorted(folder.glob("*.mp4"))
+
+    first = server.run(branch)
+    assert preview_text(first, branch, "LTX2AV_CacheLatents").startswith(f"Audio latent caching: {len(clips)} encoded")
+
+    shutil.copy(clips[0], folder / "added_clip.mp4")
+    (folder / "added_clip.txt").write_text("a person says a new sentence\n", encoding="utf-8")
+    added = server.run(branch)
+    summary = preview_text(added, branch, "LTX2AV_CacheLatents")
+    assert summary.startswith("Audio latent caching: 1 encoded, 0 failed"), summary
+    assert f"reused {len(clips)}" in summary and "added_clip.mp4" in preview_text(added, branch, "LTX2AV_DatasetDoctor")
+    assert not data_nodes & cached_nodes(added)
+
+    again = server.run(branch)
+    assert data_nodes <= cached_nodes(again), "an unchanged dataset was read again"
+
+    (folder / "added_clip.txt").write_text("a person says another sentence\n", encoding="utf-8")
+    edited = server.run(branch)
+    assert preview_text(edited, branch, "LTX2AV_CacheLatents").startswith("Audio latent caching: 1 encoded")
+
+    shutil.rmtree(server.base_dir / "output" / "ltx2av_cache" / "growing")  # deleted to rebuild it
+    rebuilt = server.run(branch)
+    assert preview_text(rebuilt, branch, "LTX2AV_CacheLatents").startswith(f"Audio latent caching: {len(clips) + 1} encoded")
+
+
+# ---- a Training Config a person can use -----------------------------------------------------------------------------
+
+
+@server_test
+def test_training_config_declares_the_released_widget_order_ranges_and_folds_the_rest(server):
+    from test_training_config_widgets import RELEASED_ORDER
+
+    info = server.object_info()["LTX2AV_TrainingConfig"]
+    order = info["input_order"]["required"]
+    assert tuple(order[: len(RELEASED_ORDER)]) == RELEASED_ORDER
+    specs = info["input"]["required"]
+    shown = [name for name in order if not specs[name][1].get("advanced")]
+    assert shown == list(RELEASED_ORDER[: len(shown)]) and 8 <= len(shown) <= 15
+    assert not [name for name in order if name.startswith("memory_")]
+    assert specs["network_rank"][1]["min"] == 1 and specs["network_dropout"][1]["max"] < 1
+    assert all(specs[name][0] != "STRING" or not str(specs[name][1].get("default", "")).startswith("[")
+               for name in order), "a list option is still a JSON text"
+
+    prompt = upstream_of(tiny_prompt(server.object_info(), CHARACTER_LTX2),
+                         one_node(tiny_prompt(server.object_info(), CHARACTER_LTX2), "LTX2AV_TrainLoRA"))
+    for name, value, message in (("network_rank", 0, "smaller than min"), ("train_batch_size", 0, "smaller than min"),
+                                 ("network_dropout", 1e6, "bigger than max")):
+        bad = json.loads(json.dumps(prompt))
+        set_inputs(bad, "LTX2AV_TrainingConfig", **{name: value})
+        with pytest.raises(ComfyServerError, match=message):
+            server.queue(bad)
+
+
+@server_test
+def test_lora_trains_on_the_fp8_weights_comfyuis_loader_gives(server, character_runs):
+    """Memory in ComfyUI is ComfyUI's: a MODEL loaded with Load Diffusion Model's fp8 weight_dtype trains as it is."""
+    prompt, _ = character_runs[CHARACTER_LTX2]
+    checkpoint = prompt[one_node(prompt, "CheckpointLoaderSimple")]["inputs"]["ckpt_name"]
+    fp8_file = server.base_dir / "models" / "diffusion_models" / checkpoint
+    if not fp8_file.exists():
+        fp8_file.symlink_to(server.base_dir / "models" / "checkpoints" / checkpoint)
+    train = one_node(prompt, "LTX2AV_TrainLoRA")
+    branch = upstream_of(json.loads(json.dumps(prompt)), train)
+    branch["fp8"] = {"class_type": "UNETLoader", "inputs": {"unet_name": checkpoint, "weight_dtype": "fp8_e4m3fn"}}
+    branch[train]["inputs"].update(model=["fp8", 0], run_name="fp8_run", steps_per_queue=2)
+    entry = server.run(branch, timeout_s=600)
+    history = entry.outputs[train]["ltx2av_history"]
+    assert [point["step"] for point in history] == [1, 2]
+    assert all(point["loss_audio"] is not None and point["loss_video"] == point["loss_video"] for point in history)
+
+
+# ---- sampling the way users sample --------------------------------------------------------------------------------
+
+
+def core_generation(checkpoint: str, text_encoder: str, lora_name: str, seed: int, steps: int, cfg: float) -> dict:
+    """LTX-2 text-to-video with audio built from ComfyUI's core nodes, as in its LTX-2 template, with the LoRA from
+    LoraLoaderModelOnly; the result goes to LTX2AVTest_SaveTensors."""
+    from ltx2_av_trainer.trainer.backends.comfyui.sampling import DEFAULT_NEGATIVE, SCHEDULER
+
+    from comfy_e2e import SIZE
+
+    def node(class_type, **inputs):
+        return {"class_type": class_type, "inputs": inputs}
+
+    return {
+        "ckpt": node("CheckpointLoaderSimple", ckpt_name=checkpoint),
+        "audio_vae": node("LTXVAudioVAELoader", ckpt_name=checkpoint),
+        "clip": node("LTX2AVTest_TinyTextEncoderLoader", text_encoder=text_encoder, ckpt_name=checkpoint, device="default"),
+        "lora": node("LoraLoaderModelOnly", model=["ckpt", 0], lora_name=lora_name, strength_model=1.0),
+        "positive": node("CLIPTextEncode", clip=["clip", 0], text="ohwx, a person speaks"),
+        "negative": node("CLIPTextEncode", clip=["clip", 0], text=DEFAULT_NEGATIVE),
+        "conditioning": node("LTXVConditioning", positive=["positive", 0], negative=["negative", 0], frame_rate=25.0),
+        "video_latent": node("EmptyLTXVLatentVideo", width=SIZE, height=SIZE, length=FRAMES, batch_size=1),
+        "audio_latent": node("LTXVEmptyLatentAudio", frames_number=FRAMES, frame_rate=25, batch_size=1,
+                             audio_vae=["audio_vae", 0]),
+        "latent": node("LTXVConcatAVLatent", video_latent=["video_latent", 0], audio_latent=["audio_latent", 0]),
+        "sigmas": node("LTXVScheduler", steps=steps, latent=["latent", 0], **SCHEDULER),
+        "sampler": node("KSamplerSelect", sampler_name="euler_ancestral"),
+        "guider": node("CFGGuider", model=["lora", 0], positive=["conditioning", 0], negative=["conditioning", 1], cfg=cfg),
+        "noise": node("RandomNoise", noise_seed=seed),
+        "sample": node("SamplerCustomAdvanced", noise=["noise", 0], guider=["guider", 0], sampler=["sampler", 0],
+                       sigmas=["sigmas", 0], latent_image=["latent", 0]),
+        "separate": node("LTXVSeparateAVLatent", av_latent=["sample", 0]),
+        "video": node("VAEDecode", samples=["separate", 0], vae=["ckpt", 2]),
+        "audio": node("LTXVAudioVAEDecode", samples=["separate", 1], audio_vae=["audio_vae", 0]),
+        "save": node("LTX2AVTest_SaveTensors", images=["video", 0], audio=["audio", 0], name="core_lora"),
+    }
+
+
+def sample_ab_prompt(server: ComfyServer, lora_name: str, seed: int, steps: int, cfg: float) -> tuple[dict, str]:
+    prompt = tiny_prompt(server.object_info(), VOICE_CHECK_LTX2)
+    sample = one_node(prompt, "LTX2AV_SampleAV")
+    set_inputs(prompt, "LTX2AV_SampleAV", lora_name=lora_name, seed=seed, steps=steps, guidance=cfg)
+    prompt[sample]["inputs"]["prompt"] = "ohwx, a person speaks"
+    prompt = upstream_of(prompt, sample)
+    prompt["save"] = {"class_type": "LTX2AVTest_SaveTensors",
+                      "inputs": {"images": [sample, 0], "audio": [sample, 1], "name": "sample_ab_lora"}}
+    return prompt, sample
+
+
+@server_test
+def test_sample_ab_equals_the_same_generation_from_core_nodes(server, character_runs):
+    from safetensors.torch import load_file
+
+    from comfy_e2e import tiny_text_encoder_name
+
+    character_prompt, _ = character_runs[CHARACTER_LTX2]
+    lora_name = saved_lora(server, character_prompt).name
+    checkpoint = character_prompt[one_node(character_prompt, "CheckpointLoaderSimple")]["inputs"]["ckpt_name"]
+    prompt, _ = sample_ab_prompt(server, lora_name, seed=7, steps=3, cfg=4.0)
+    server.run(prompt, timeout_s=600)
+    server.run(core_generation(checkpoint, tiny_text_encoder_name("2.0"), lora_name, seed=7, steps=3, cfg=4.0),
+               timeout_s=600)
+    ours = load_file(server.base_dir / "output" / "ltx2av_test" / "sample_ab_lora.safetensors")
+    core = load_file(server.base_dir / "output" / "ltx2av_test" / "core_lora.safetensors")
+    assert ours["images"].shape == (FRAMES, 64, 64, 3) and ours["waveform"].shape[:2] == (1, 2)
+    for key in ("images", "waveform", "sample_rate"):
+        assert torch_equal(ours[key], core[key]), key
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return a.shape == b.shape and bool(torch.equal(a, b))
+
+
+@server_test
+def test_sample_ab_shows_comfyuis_progress_and_stops_on_cancel(server, character_runs):
+    character_prompt, _ = character_runs[CHARACTER_LTX2]
+    prompt, sample = sample_ab_prompt(server, saved_lora(server, character_prompt).name, seed=1, steps=40, cfg=4.0)
+    progress = []
+
+    def cancel_after_two_steps(event: str, data: dict) -> bool:
+        if event == "progress" and str(data.get("node")) == sample:
+            progress.append((data["value"], data["max"]))
+            if data["value"] >= 2 and len([v for v, _ in progress if v >= 2]) == 1:
+                server.interrupt()
+        return event == "execution_interrupted"
+
+    server.run_with_events(prompt, cancel_after_two_steps, timeout_s=600)
+    # ComfyUI's own sampling progress, attributed to the Sample A/B node, and Cancel stops it within the first sample.
+    assert progress and {total for _, total in progress} == {40}, progress
+    assert max(value for value, _ in progress) < 40, progress
+
+
+# ---- safety and conventions ---------------------------------------------------------------------------------------
+
+
+@server_test
+def test_datasets_outside_the_input_folder_need_the_servers_permission(server):
+    from ltx2_av_trainer.trainer.data.synth import make_demo_dataset
+
+    from comfy_e2e import SIZE
+
+    allowed = server.base_dir / ALLOWED_ELSEWHERE / "clips"
+    refused = server.base_dir / "not_allowed" / "clips"
+    for folder in (allowed, refused):
+        make_demo_dataset(folder, clips_per_speaker=1, seconds=0.8, width=SIZE, height=SIZE)
+    prompt = tiny_prompt(server.object_info(), CHARACTER_LTX2)
+    doctor_preview = next(n for n in nodes_of(prompt, "PreviewAny")
+                          if prompt[n]["inputs"]["source"][0] == one_node(prompt, "LTX2AV_DatasetDoctor"))
+    branch = upstream_of(prompt, doctor_preview)
+
+    for folder in (str(refused), "../not_allowed/clips"):
+        set_inputs(branch, "LTX2AV_LoadDataset", folder=folder)
+        entry = server.wait_for(server.queue(branch), expect_success=False)
+        error = (entry.message("execution_error") or {}).get("exception_message", "")
+        assert entry.status == "error" and "outside the folders ComfyUI nodes may read" in error, entry.messages
+        assert "LTX2AV_DATASET_ROOTS" in error
+    set_inputs(branch, "LTX2AV_LoadDataset", folder=str(allowed))
+    entry = server.run(branch)
+    assert str(allowed) in preview_text(entry, branch, "LTX2AV_DatasetDoctor")
+
+
+@server_test
+def test_save_lora_counts_instead_of_replacing_and_progress_follows_each_queue(server):
+    prompt = tiny_prompt(server.object_info(), CHARACTER_LTX2)
+    save = one_node(prompt, "LTX2AV_SaveLoRA")
+    train = one_node(prompt, "LTX2AV_TrainLoRA")
+    set_inputs(prompt, "LTX2AV_TrainingConfig", train_steps=4)
+    set_inputs(prompt, "LTX2AV_TrainLoRA", steps_per_queue=2, run_name="save_twice")
+    set_inputs(prompt, "LTX2AV_SaveLoRA", filename="save_twice")
+    branch = upstream_of(prompt, save)
+    loras = server.base_dir / "models" / "loras"
+    run_loras = server.base_dir / "output" / "ltx2av_runs" / "save_twice" / "lora"
+
+    def queue_and_watch() -> tuple[list, dict]:
+        progress = []
+
+        def until_done(event: str, data: dict) -> bool:
+            if event == "progress" and str(data.get("node")) == train:
+                progress.append((data["value"], data["max"]))
+            return event == "execution_success"
+
+        server.run_with_events(branch, until_done, timeout_s=600)
+        return progress, server.get_json("/history?max_items=1")
+
+    first, _ = queue_and_watch()
+    second, _ = queue_and_watch()
+    assert first[-1] == (2, 2) and second[-1] == (2, 2), (first, second)  # each queue's own steps, not 2/4, 4/4
+    assert (loras / "save_twice.safetensors").read_bytes() == (run_loras / "save_twice_000002.safetensors").read_bytes()
+    assert (loras / "save_twice_00001.safetensors").read_bytes() == (run_loras / "save_twice_000004.safetensors").read_bytes()
+
+    set_inputs(branch, "LTX2AV_SaveLoRA", overwrite=True)
+    entry = server.run(branch)  # the run already has its 4 steps
+    assert "already trained 4 of 4 steps" in entry.outputs[train]["ltx2av_status"][0]
+    assert (loras / "save_twice.safetensors").read_bytes() == (run_loras / "save_twice_000004.safetensors").read_bytes()
+    assert sorted(p.name for p in loras.glob("save_twice*")) == ["save_twice.safetensors", "save_twice_00001.safetensors"]

@@ -33,7 +33,7 @@ MODE_REFERENCE_INPUTS = ("reference_dir", "reference_frames", "reference_downsca
 # The node contract (docs: nodes_contract): id → (inputs, outputs), names in order.
 CONTRACT = {
     "LTX2AV_LoadDataset": (["folder", "trigger", "caption_extension", "audio_dir", "target_fps", "frames", "width",
-                            "height", "with_audio", "validation_split", "kind", "repeats",
+                            "height", "with_audio", "validation_split", "kind", "repeats", "frame_buckets",
                             # The training modes' references (advanced, optional).
                             *MODE_REFERENCE_INPUTS], ["dataset"]),
     "LTX2AV_DatasetDoctor": (["dataset", "strict", "listen_index"], ["report", "report_json", "audio"]),
@@ -44,10 +44,11 @@ CONTRACT = {
     "LTX2AV_PreviewCachedAudio": (["cache", "index", "audio_vae"], ["audio"]),
     "LTX2AV_TrainLoRA": (["model", "cache", "config", "steps_per_queue", "run_name", "vae", "audio_vae", "clip"],
                          ["lora", "loss_history"]),
-    "LTX2AV_SaveLoRA": (["lora", "filename"], ["path"]),
+    "LTX2AV_SaveLoRA": (["lora", "filename", "overwrite"], ["path"]),
     "LTX2AV_VerifyLoRAKeys": (["model", "lora", "lora_name"], ["report", "ok"]),
     "LTX2AV_SampleAV": (["model", "clip", "vae", "audio_vae", "prompt", "seed", "steps", "frames", "width", "height",
-                         "guidance", "lora", "lora_name"], ["video_lora", "audio_lora", "video_base", "audio_base"]),
+                         "guidance", "lora", "lora_name", "negative_prompt", "sampler_name", "lora_strength",
+                         "frame_rate"], ["video_lora", "audio_lora", "video_base", "audio_base"]),
     # Added after the contract: the speaker similarity of an AUDIO with the dataset voice.
     "LTX2AV_VoiceScore": (["audio", "cache", "reference_file"], ["score", "report"]),
     # LoRA files of any trainer into our layout, and two LoRAs into one (test_comfy_lora_nodes.py).
@@ -269,7 +270,9 @@ def test_schemas_follow_the_contract(comfy_home):
             assert [o.io_type for o in schema.outputs] == [OUTPUT_TYPES[o] for o in outputs], node_id
     optional = {(n, i.id) for n, s in schemas.items() for i in s.inputs if i.optional}
     assert optional == {("LTX2AV_VerifyLoRAKeys", "lora"), ("LTX2AV_VerifyLoRAKeys", "lora_name"),
-                        ("LTX2AV_SampleAV", "lora"), ("LTX2AV_SampleAV", "lora_name"), ("LTX2AV_TrainLoRA", "vae"),
+                        ("LTX2AV_SampleAV", "lora"), ("LTX2AV_SampleAV", "lora_name"),
+                        ("LTX2AV_SampleAV", "negative_prompt"), ("LTX2AV_SampleAV", "sampler_name"),
+                        ("LTX2AV_SampleAV", "lora_strength"), ("LTX2AV_SampleAV", "frame_rate"), ("LTX2AV_TrainLoRA", "vae"),
                         ("LTX2AV_TrainLoRA", "audio_vae"), ("LTX2AV_TrainLoRA", "clip"), ("LTX2AV_VoiceScore", "cache"),
                         ("LTX2AV_VoiceScore", "reference_file"), ("LTX2AV_ConvertLoRA", "lora_name"),
                         ("LTX2AV_ConvertLoRA", "lora"), ("LTX2AV_ConvertLoRA", "model")} | {
@@ -307,32 +310,33 @@ def test_help_pages_are_served_where_the_frontend_looks(comfy_home, tmp_path):
     assert escape_status in (403, 404)
 
 
-def test_training_config_covers_every_trainer_option(comfy_home):
-    import dataclasses
+def test_training_config_schema_follows_the_widget_list(comfy_home):
+    """The node declares TRAINING_CONFIG_WIDGETS in that order (saved workflows depend on it), the shown ones
+    first, every number with the trainer's range, no JSON text; the default node gives the default config."""
+    from comfy_api.latest import io
 
-    from ltx2_av_trainer.nodes.config_widgets import SET_ELSEWHERE, config_from_widgets, float_step, training_widgets
+    from ltx2_av_trainer.nodes.config_widgets import TRAINING_CONFIG_WIDGETS, training_widgets
+    from ltx2_av_trainer.nodes.train_nodes import TrainingConfig
 
-    specs = training_widgets()
-    covered = {s.key for s in specs}
-    for section in dataclasses.fields(Config):
-        for field in dataclasses.fields(type(getattr(Config(), section.name))):
-            key = f"{section.name}.{field.name}"
-            assert key in covered or any(key == k or key.startswith(k + ".") for k in SET_ELSEWHERE), key
+    inputs = TrainingConfig.GET_SCHEMA().inputs
+    assert [i.id for i in inputs] == [d.name for d in TRAINING_CONFIG_WIDGETS]
+    assert [bool(i.advanced) for i in inputs] == [d.advanced for d in TRAINING_CONFIG_WIDGETS]
+    for spec, widget in zip(training_widgets(), inputs):
+        if isinstance(widget, (io.Int.Input, io.Float.Input)):
+            assert (widget.min, widget.max) == (spec.definition.min, spec.definition.max), spec.name
+        if isinstance(widget, io.String.Input):
+            assert not str(widget.default).lstrip().startswith("["), f"{spec.name} still looks like JSON"
+    assert not any(i.id.startswith("memory_") for i in inputs)
     assert training_config(network_rank=32, network_alpha=32.0, optimizer_lr=1e-4, train_steps=2000,
                            train_mixed_precision="bf16", output_save_every=250) == Config().to_dict()
-    assert training_config(network_include='["audio_ff\\\\.net\\\\.2$"]', timesteps_shift="0.5")["network"]["include"] == ["audio_ff\\.net\\.2$"]
-    assert training_config(timesteps_shift="0.5")["timesteps"]["shift"] == 0.5
-    values = {s.name: s.default for s in specs}
-    with pytest.raises(ConfigError, match="network_include: not valid JSON"):
-        config_from_widgets(values | {"network_include": "[oops"})
-    with pytest.raises(ConfigError, match="timesteps_shift: 'high' is not a number"):
-        config_from_widgets(values | {"timesteps_shift": "high"})
-    with pytest.raises(ConfigError, match="network.rank"):
-        config_from_widgets(values | {"network_rank": 0})
-    # The frontend rounds FLOAT widgets to their step's precision: small defaults must survive it.
-    for spec in specs:
-        if spec.kind == "FLOAT" and spec.default:
-            assert float_step(spec.default) <= abs(spec.default) / 10, spec.name
+
+
+def test_train_lora_refuses_headless_memory_options(objects, cache):
+    from ltx2_av_trainer.nodes.train_nodes import run_config, run_folder
+
+    config = Config.from_dict(training_config()).replace(**{"memory.quantization": "nf4"}).to_dict()
+    with pytest.raises(ConfigError, match="memory.quantization: headless options that ComfyUI decides"):
+        run_config(config, cache[0], run_folder("headless"), "headless", objects["model"])
 
 
 # ---- data ------------------------------------------------------------------------------------------------------
@@ -371,6 +375,7 @@ def test_doctor_reports_and_plays_what_the_cache_will_encode(comfy_home, dataset
 def test_cache_holds_the_audio_posterior_mean_and_is_reused(comfy_home, objects, dataset, cache):
     """The cached audio latent is ComfyUI's audio VAE posterior MEAN, normalised, in float32 (computed here
     from ComfyUI's own components); a second queue reuses every entry."""
+
     from ltx2_av_trainer.nodes.data_nodes import CacheLatents, dataset_config
     from ltx2_av_trainer.trainer.data.cache import load_entry, manifest_entries
     from ltx2_av_trainer.trainer.data.dataset import enumerate_dataset
@@ -656,29 +661,126 @@ def test_verify_names_unloaded_keys_and_refuses_missing_trained_groups(comfy_hom
 
 
 def test_sample_ab_with_and_without_the_lora(objects, trained):
+    """Sample A/B samples through ComfyUI's own sampling: the LoRA side equals the same core-node generation on
+    the MODEL with the LoRA loaded as LoraLoaderModelOnly loads it (the server test builds that graph from core
+    nodes); the MODEL itself is left as it was."""
     from ltx2_av_trainer.nodes.check_nodes import SampleAV
+    from ltx2_av_trainer.trainer.backends.comfyui.sampling import GenerationRequest, generate, with_lora
 
     lora = trained["queues"][1]["out"].args[0]
     weights_before = {k: v.clone() for k, v in objects["model"].model.state_dict().items()}
     with torch.inference_mode():
+        request = GenerationRequest("ohwx, a person speaks", seed=5, steps=3, frames=FRAMES, width=SIZE, height=SIZE,
+                                    guidance=3.0)
+        expected_video, expected_audio = generate(with_lora(objects["model"], Path(lora["path"])), objects["clip"],
+                                                  objects["vae"], objects["audio_vae"], request)
+        # Its base sample comes last: ComfyUI takes a LoRA's patch off the MODEL when the MODEL is loaded without it.
         video_lora, audio_lora, video_base, audio_base = SampleAV.execute(
             objects["model"], objects["clip"], objects["vae"], objects["audio_vae"], "ohwx, a person speaks", 5, 3,
-            FRAMES, SIZE, SIZE, 1.0, lora, "(none)").args
+            FRAMES, SIZE, SIZE, 3.0, lora, "(none)").args
     assert video_lora.shape == video_base.shape == (FRAMES, SIZE, SIZE, 3)
-    assert 0 <= float(video_lora.min()) and float(video_lora.max()) <= 1
+    assert torch.equal(video_lora, expected_video) and torch.equal(audio_lora["waveform"], expected_audio["waveform"])
     for audio in (audio_lora, audio_base):
         assert audio["sample_rate"] == 24000 and audio["waveform"].shape[:2] == (1, 2)
-        latents = math.ceil((1 + FRAMES * 16000 // 25 // 160) / 4)
-        assert audio["waveform"].shape[2] == (4 * latents - 3) * 240  # the vocoder's 240x of 4T-3 mel frames
     assert not torch.equal(video_lora, video_base) and not torch.equal(audio_lora["waveform"], audio_base["waveform"])
     # The LoRA went on a clone: the MODEL's weights are exactly as before.
     for key, value in objects["model"].model.state_dict().items():
         assert torch.equal(value, weights_before[key]), key
-    # Guidance above 1 adds the empty prompt as the negative (through the same text path).
-    with torch.inference_mode():
-        guided = SampleAV.execute(objects["model"], objects["clip"], objects["vae"], objects["audio_vae"],
-                                  "ohwx, a person speaks", 5, 1, FRAMES, SIZE, SIZE, 3.0, lora, "(none)").args
-    assert guided[0].shape == video_lora.shape and torch.isfinite(guided[0]).all()
     with pytest.raises(ValueError, match="frames must be 8n\\+1"):
         SampleAV.execute(objects["model"], objects["clip"], objects["vae"], objects["audio_vae"], "x", 0, 1, 10, SIZE,
                          SIZE, 1.0, lora, "(none)")
+
+
+def test_save_lora_never_replaces_another_lora_unless_asked(comfy_home, trained):
+    from ltx2_av_trainer.nodes.train_nodes import SaveLoRA
+
+    first, second = (trained["queues"][i]["out"].args[0] for i in (0, 1))
+    folder = comfy_home["loras"]
+    assert Path(SaveLoRA.execute(first, "counted").args[0]) == folder / "counted.safetensors"
+    again = SaveLoRA.execute(first, "counted")  # the same LoRA again: nothing new is written
+    assert Path(again.args[0]) == folder / "counted.safetensors" and "already holds" in again.ui["text"][0]
+    assert Path(SaveLoRA.execute(second, "counted").args[0]) == folder / "counted_00001.safetensors"
+    assert (folder / "counted.safetensors").read_bytes() == Path(first["path"]).read_bytes()
+    assert (folder / "counted_00001.safetensors").read_bytes() == Path(second["path"]).read_bytes()
+    replaced = SaveLoRA.execute(second, "counted", True)
+    assert Path(replaced.args[0]) == folder / "counted.safetensors"
+    assert (folder / "counted.safetensors").read_bytes() == Path(second["path"]).read_bytes()
+    assert sorted(p.name for p in folder.glob("counted*")) == ["counted.safetensors", "counted_00001.safetensors"]
+
+
+def test_progress_bar_follows_the_queue_and_a_finished_run_says_so(objects, cache, events):
+    import comfy.utils
+
+    seen = []
+    previous = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: seen.append((value, total)))
+    config = training_config(train_steps=5)
+    try:
+        statuses = []
+        for _ in range(3):  # 3 + 2 steps, then nothing left to train
+            seen.clear()
+            with torch.inference_mode():
+                out = train_node().execute(objects["model"], cache[0], config, 3, "per_queue")
+            statuses.append((list(seen), out.ui["ltx2av_status"][0]))
+    finally:
+        comfy.utils.set_progress_bar_global_hook(previous)
+    (first, first_text), (second, second_text), (third, third_text) = statuses
+    assert first[-1] == (3, 3) and {total for _, total in first} == {3}
+    assert second[-1] == (2, 2) and {total for _, total in second} == {2}  # the queue's own steps, not 5
+    assert "trained steps 1-3 (3 of 5)" in first_text and "run is complete (5 of 5 steps)" in second_text
+    assert "already trained 5 of 5 steps" in third_text and "Raise train_steps" in third_text
+    assert events.steps() == [1, 2, 3, 4, 5]
+
+
+def test_nodes_read_only_inside_the_input_folder_unless_the_server_allows_more(comfy_home, dataset, tmp_path, monkeypatch):
+    from ltx2_av_trainer.nodes.data_nodes import ExtractAudio, LoadDataset
+    from ltx2_av_trainer.nodes.score_nodes import VoiceScore
+    from ltx2_av_trainer.nodes.types import DATASET_ROOTS_ENV
+    from ltx2_av_trainer.trainer.data.synth import make_demo_dataset
+
+    monkeypatch.delenv(DATASET_ROOTS_ENV, raising=False)
+    elsewhere = tmp_path / "elsewhere"
+    clip = make_demo_dataset(elsewhere, clips_per_speaker=1, seconds=0.8, width=SIZE, height=SIZE)[0]
+    args = ("ohwx", ".txt", "", 25.0, FRAMES, SIZE, SIZE, True, 0.0, "video", 1)
+    for given in (str(elsewhere), "../" + elsewhere.name, f"clips/../../{elsewhere.parent.name}/elsewhere"):
+        with pytest.raises(ValueError, match=f"outside the folders ComfyUI nodes may read.*{DATASET_ROOTS_ENV}"):
+            LoadDataset.execute(given, *args)
+    with pytest.raises(ValueError, match="outside the folders"):
+        ExtractAudio.execute(str(clip), 0)
+    with pytest.raises(ValueError, match="outside the folders"):
+        VoiceScore.execute({"waveform": torch.zeros(1, 1, 16000), "sample_rate": 16000}, None, str(clip))
+    # A JSONL inside the input folder may not name media elsewhere.
+    listing = comfy_home["input"] / "escape.jsonl"
+    listing.write_text(json.dumps({"media": str(clip), "caption": "a person"}) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="the media of item 0:.*outside the folders"):
+        LoadDataset.execute("escape.jsonl", "ohwx", ".txt", "", 25.0, FRAMES, SIZE, SIZE, True, 0.0, "jsonl", 1)
+
+    # The server's owner allows the folder (an environment variable of the ComfyUI process).
+    monkeypatch.setenv(DATASET_ROOTS_ENV, f"/nonexistent{os.pathsep}{elsewhere}")
+    assert LoadDataset.execute(str(elsewhere), *args).args[0]["sources"][0]["path"] == str(elsewhere)
+    assert ExtractAudio.execute(str(clip), 0).args[0]["sample_rate"] == 48000
+
+
+def test_load_dataset_signature_follows_the_folder_content(comfy_home):
+    """ComfyUI re-executes Load Dataset (and every node after it) when fingerprint_inputs changes: it must change
+    with a new clip or an edited caption, and stay the same when nothing changed."""
+    import shutil
+
+    from ltx2_av_trainer.nodes.data_nodes import LoadDataset
+    from ltx2_av_trainer.trainer.data.synth import make_demo_dataset
+
+    folder = comfy_home["input"] / "growing"
+    make_demo_dataset(folder, clips_per_speaker=1, seconds=0.8, width=SIZE, height=SIZE)
+    widgets = dict(folder="growing", trigger="ohwx", caption_extension=".txt", audio_dir="", target_fps=25.0,
+                   frames=FRAMES, width=SIZE, height=SIZE, with_audio=True, validation_split=0.0, kind="video",
+                   repeats=1, frame_buckets="")
+    first = LoadDataset.fingerprint_inputs(**widgets)
+    assert LoadDataset.fingerprint_inputs(**widgets) == first
+    clip = next(folder.glob("*.mp4"))
+    shutil.copy(clip, folder / "added.mp4")
+    shutil.copy(clip.with_suffix(".txt"), folder / "added.txt")
+    added = LoadDataset.fingerprint_inputs(**widgets)
+    assert added != first
+    (folder / "added.txt").write_text("a different caption\n", encoding="utf-8")
+    assert LoadDataset.fingerprint_inputs(**widgets) != added
+    assert LoadDataset.fingerprint_inputs(**(widgets | {"folder": "/etc"})).startswith("unreadable: folder")

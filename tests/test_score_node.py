@@ -50,5 +50,7 @@ def test_voice_score_node_needs_a_reference(cache):
 
     with pytest.raises(ValueError, match="no reference voice"):
         VoiceScore.execute(_audio("deep", seed=1), None)
-    with pytest.raises(ValueError, match="does not exist"):
+    with pytest.raises(ValueError, match="neither .* nor a cache of that name exists"):
+        VoiceScore.execute(_audio("deep", seed=1), None, "no_such_reference.json")
+    with pytest.raises(ValueError, match="outside the folders ComfyUI nodes may read"):
         VoiceScore.execute(_audio("deep", seed=1), None, "/nonexistent/ref.json")

@@ -59,6 +59,11 @@ def is_widget(spec: list) -> bool:
     return (input_type(spec) in WIDGET_TYPES or input_type(spec) == DYNAMIC_COMBO) and not options.get("forceInput")
 
 
+def _is_advanced(spec: list) -> bool:
+    options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    return bool(options.get("advanced"))
+
+
 def has_control_widget(spec: list) -> bool:
     options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
     return input_type(spec) == "INT" and bool(options.get("control_after_generate"))
@@ -276,7 +281,9 @@ class WorkflowBuilder:
             raise WorkflowFormatError(f"{kind}: {unused} are not widgets of this node")
 
         rows = max(len(inputs), len(info["output"]))
-        height = 30 + 22 * rows + 26 * len(ordered) + extra_height
+        # Advanced inputs stay folded until the user shows them: they take no room on the canvas.
+        shown = [name for name in ordered if name is None or not _is_advanced(self._spec(info, name))]
+        height = 30 + 22 * rows + 26 * len(shown) + extra_height
         node = {
             "id": node_id, "type": kind, "pos": list(pos), "size": [width, height], "flags": {},
             "order": node_id - 1, "mode": MODE_ALWAYS, "inputs": inputs,

@@ -62,10 +62,10 @@ class DatasetConfig:
     trigger: str = opt("ohwx", "Trigger word prepended to every caption (use a rare, non-empty token).")
     caption_template: str = opt("{trigger}, {caption}", "How the trigger is added to a caption; must contain {caption}.")
     target_fps: float = opt(25.0, "Frame rate the clips are resampled to (LTX-2 is trained at 25 fps; audio latents are 25 per second).")
-    frames: int = opt(25, "Frames per training clip, 8n+1 (25 = 1 s at 25 fps; 49, 97 for longer clips).")
-    width: int = opt(256, "Training width in pixels, a multiple of 32.")
-    height: int = opt(256, "Training height in pixels, a multiple of 32.")
-    frame_buckets: list[int] = opt([], "Extra allowed frame counts (8n+1); a clip uses the largest that fits. Empty = only `frames`.")
+    frames: int = opt(97, "Frames per training clip, 8n+1 (97 = 3.9 s at 25 fps, the recommended voice clip; 49 = 2 s).")
+    width: int = opt(768, "Training width in pixels, a multiple of 32.")
+    height: int = opt(512, "Training height in pixels, a multiple of 32.")
+    frame_buckets: list[int] = opt([49, 73], "Extra allowed frame counts (8n+1); a clip uses the largest that fits (so 2-4 s clips train too). Empty = only `frames`.")
     resolution_buckets: list[list[int]] = opt([], "Extra [width, height] buckets (multiples of 32); a clip uses the closest aspect. Empty = only width x height.")
     crop: Literal["center", "random"] = opt("center", "How a resized clip is cropped to its bucket.")
     allow_upscale: bool = opt(True, "Allow clips smaller than the bucket to be upscaled (false: such clips are reported and skipped).")
@@ -116,7 +116,7 @@ class ModelConfig:
         "v2a gate from σ_video. own: all from the modality's own timestep (diffusers use_cross_timestep=False). cross: "
         "all from the other modality's σ (ltx-core 1.0.0 from PyPI, diffusers' LTX2Pipeline default).",
     )
-    gradient_checkpointing: bool = opt(False, "Recompute block activations in the backward pass (less memory, ~30 % slower).")
+    gradient_checkpointing: bool = opt(True, "Recompute block activations in the backward pass (less memory, ~30 % slower; on for the recommended 49-97 frame clips).")
     tiny: TinyModelConfig = opt(TinyModelConfig(), "Dimensions of the embedded tiny model ([model.tiny]).")
 
 

@@ -1,5 +1,6 @@
 """Test-only ComfyUI node pack, linked into the end-to-end test server's custom_nodes (never shipped).
 
+``LTX2AVTest_SaveTensors`` writes an IMAGE and an AUDIO without rounding, for bit-exact comparisons of two graphs.
 ``LTX2AVTest_TinyTextEncoderLoader`` stands in for ComfyUI's ``LTXAVTextEncoderLoader`` in the workflows the
 tests run: that loader always builds the full-size Gemma-3-12B (a fixed config and a vision tower), so it
 cannot load a tiny text encoder. This node takes the same inputs and builds the same ``LTXAVTEModel``
@@ -56,9 +57,40 @@ class TinyTextEncoderLoader(io.ComfyNode):
         return io.NodeOutput(load_text_encoder(Path(path), ltx_version_of(path), TinyModelConfig()))
 
 
+class SaveTensors(io.ComfyNode):
+    """Writes an IMAGE and an AUDIO exactly (no 8-bit or codec rounding) to ``output/ltx2av_test/<name>.safetensors``,
+    so a test can compare two graphs' results bit for bit."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LTX2AVTest_SaveTensors",
+            display_name="(test) Save IMAGE and AUDIO tensors",
+            category="testing",
+            inputs=[
+                io.Image.Input("images", tooltip="Frames."),
+                io.Audio.Input("audio", tooltip="Audio."),
+                io.String.Input("name", default="tensors", tooltip="File name under output/ltx2av_test."),
+            ],
+            outputs=[],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, images, audio, name: str) -> io.NodeOutput:
+        import torch
+        from safetensors.torch import save_file
+
+        folder = Path(folder_paths.get_output_directory()) / "ltx2av_test"
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({"images": images.float().cpu().contiguous(), "waveform": audio["waveform"].float().cpu().contiguous(),
+                   "sample_rate": torch.tensor(int(audio["sample_rate"]))}, str(folder / f"{name}.safetensors"))
+        return io.NodeOutput()
+
+
 class TestPackExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [TinyTextEncoderLoader]
+        return [TinyTextEncoderLoader, SaveTensors]
 
 
 async def comfy_entrypoint() -> TestPackExtension:

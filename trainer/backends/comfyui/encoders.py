@@ -28,7 +28,7 @@ from typing import Sequence
 import torch
 
 from ...config import ConfigError
-from ..fingerprint import module_fingerprint, weights_digest
+from ..fingerprint import config_dict, loaded_file_sizes, remembered, weights_identity
 from ..interface import (
     AUDIO_LATENT_CHANNELS,
     AUDIO_LATENT_MEL_BINS,
@@ -257,22 +257,35 @@ class ComfyEncoders:
 
     # bookkeeping
     def fingerprint(self) -> str:
-        """Hash of everything a cached latent depends on: both VAEs (class, config, every weight), the text
-        encoder and its tokenizer, the MODEL's text-connector weights and the audio settings. Computed once
-        per object (the weights of a loaded object do not change under it)."""
+        """Identity of everything a cached latent depends on: both VAEs and the text encoder (class, config and
+        ``weights_identity``: keys, shapes, dtypes, loaded file sizes and a fixed sample of values), the
+        tokenizer, the MODEL's text-connector weights as they run and the audio settings. Each part is
+        remembered per loaded object, so a queue that reuses the loaders' objects reads no weight again."""
         if self._fingerprint is None:
             h = hashlib.sha256()
             audio = self.audio_vae.first_stage_model
             settings = {"audio": "posterior-mean", "sample_rate": audio.sample_rate, "hop": audio.mel_hop_length,
                         "mel_bins": audio.mel_bins, "n_fft": audio.preprocessor.n_fft}
             h.update(json.dumps(settings, sort_keys=True).encode())
-            h.update(module_fingerprint(self.vae.first_stage_model).encode())
-            h.update(module_fingerprint(audio).encode())
-            h.update(module_fingerprint(self.clip.cond_stage_model).encode())
+            h.update(loaded_identity(self.vae.first_stage_model, self.vae.patcher).encode())
+            h.update(loaded_identity(audio, self.audio_vae.patcher).encode())
+            h.update(loaded_identity(self.clip.cond_stage_model, self.clip.patcher).encode())
             h.update(_tokenizer_digest(self.clip).encode())
-            h.update(_connector_digest(self.model_patcher).encode())
+            h.update(_connector_identity(self.model_patcher).encode())
             self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint
+
+
+def loaded_identity(module: torch.nn.Module, patcher) -> str:
+    """Class, config and ``weights_identity`` of a module a ComfyUI loader built, remembered per module."""
+
+    def compute() -> str:
+        h = hashlib.sha256(type(module).__name__.encode())
+        h.update(json.dumps(config_dict(module), sort_keys=True, default=str).encode())
+        h.update(weights_identity(module.state_dict().items(), loaded_file_sizes(patcher)).encode())
+        return h.hexdigest()[:16]
+
+    return remembered(module, "weights", compute)
 
 
 def _tokenizer_digest(clip) -> str:
@@ -285,9 +298,14 @@ def _tokenizer_digest(clip) -> str:
     return h.hexdigest()[:16]
 
 
-def _connector_digest(model_patcher) -> str:
-    """The text connectors' weights as they run (loaded, with any patches applied)."""
+def _connector_identity(model_patcher) -> str:
+    """The text connectors' weights as they run (loaded, with the MODEL's patches applied): remembered per
+    model and set of patches."""
     import_model_management().load_models_gpu([model_patcher])
     diffusion_model = ltxav_diffusion_model(model_patcher)
-    state = diffusion_model.state_dict()
-    return weights_digest((k, v) for k, v in state.items() if k.startswith(CONNECTOR_PREFIXES))
+
+    def compute() -> str:
+        state = diffusion_model.state_dict()
+        return weights_identity((k, v) for k, v in state.items() if k.startswith(CONNECTOR_PREFIXES))
+
+    return remembered(diffusion_model, f"connectors {getattr(model_patcher, 'patches_uuid', '')}", compute)

@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import soxr
 from scipy import ndimage, signal
 
 # --------------------------------------------------------------------------------------------
@@ -103,6 +102,17 @@ def to_mono(samples: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 
+def require_soxr():
+    """The ``soxr`` module, imported when audio is first resampled (a missing package must not stop the ComfyUI
+    pack from loading), or an ImportError that says how to install it."""
+    try:
+        import soxr
+    except ImportError as exc:
+        raise ImportError(f"resampling audio needs the soxr package ({exc}); install it with `pip install soxr` "
+                          "(it is in the pack's requirements.txt)") from None
+    return soxr
+
+
 def resample(samples: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
     """Band-limited resampling of ``[C, S]`` with soxr at its very-high-quality setting."""
     samples = np.asarray(samples, dtype=np.float32)
@@ -111,7 +121,7 @@ def resample(samples: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
     if samples.shape[-1] == 0:
         return np.zeros((samples.shape[0], 0), dtype=np.float32)
     # soxr wants [frames, channels], C-contiguous.
-    out = soxr.resample(np.ascontiguousarray(samples.T), int(from_rate), int(to_rate), quality="VHQ")
+    out = require_soxr().resample(np.ascontiguousarray(samples.T), int(from_rate), int(to_rate), quality="VHQ")
     return np.ascontiguousarray(out.T, dtype=np.float32)
 
 
