@@ -235,13 +235,17 @@ def thumbnail_path(workflow_name: str) -> Path:
 
 def prepare_thumbnail_home(base: Path) -> None:
     """What the pictures need from the ComfyUI home: a returning user without the minimap, and empty files under
-    the model names the workflows use (so no loader is drawn as missing)."""
+    the model and input file names the workflows use (so no loader is drawn as missing)."""
     settings = base / "user" / "default" / "comfy.settings.json"
     settings.parent.mkdir(parents=True, exist_ok=True)
     settings.write_text(json.dumps({"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False}), encoding="utf-8")
     for folder, name in [("checkpoints", LTX2.checkpoint), ("checkpoints", LTX23.checkpoint),
                          ("text_encoders", TEXT_ENCODER), ("loras", f"my_character_{LTX2.slug}_av.safetensors")]:
         (base / "models" / folder / name).touch()
+    from mode_workflows import FIRST_FRAME_IMAGE, IC_REFERENCE_VIDEO, REFERENCE_VOICE  # files the mode workflows load
+
+    for name in (FIRST_FRAME_IMAGE, IC_REFERENCE_VIDEO, REFERENCE_VOICE):
+        (base / "input" / name).touch()
 
 
 FIT_GRAPH = """(async (name) => {
