@@ -14,8 +14,8 @@ import sys
 
 import pytest
 
-from ltx2_av_trainer.trainer.app.bench import cmd_bench
 from ltx2_av_trainer.trainer.app.bench_cli import add_bench_arguments
+from ltx2_av_trainer.trainer.app.cli import cmd_bench
 from ltx2_av_trainer.trainer.config import ConfigError
 
 

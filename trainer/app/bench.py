@@ -971,8 +971,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from ..io_utils import atomic_write_json
     from .console import Progress
 
-    if args.backend == "comfyui":
-        return _cmd_bench_comfyui(args)
     bar: Progress | None = None
 
     def progress(done: int, total: int) -> None:
@@ -987,26 +985,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
                        compare_checkpointing=args.compare_checkpointing, progress=progress, unfused=args.unfused)
     if not args.quiet:
         print(format_report(report))
-    if args.json:
-        atomic_write_json(args.json, report)
-    return 0
-
-
-def _cmd_bench_comfyui(args: argparse.Namespace) -> int:
-    from ..io_utils import atomic_write_json
-    from .bench_comfyui import format_comfyui_report, run_comfyui_bench
-
-    unused = [flag for flag, value in (("--checkpointing", args.checkpointing != "off"), ("--precision", args.precision),
-                                       ("--device", args.device), ("--compare-checkpointing", args.compare_checkpointing),
-                                       ("--unfused", args.unfused))
-              if value]
-    if unused:
-        raise ConfigError(f"bench --backend comfyui does not take {', '.join(unused)}: it runs fp32 on the device ComfyUI "
-                          "picks and always compares per-block checkpointing with none")
-    say = (lambda _message: None) if args.quiet else (lambda message: print(f"bench comfyui: {message}", flush=True))
-    report = run_comfyui_bench(args.preset, layers=args.layers, steps=args.steps, warmup=args.warmup, progress=say)
-    if not args.quiet:
-        print(format_comfyui_report(report))
     if args.json:
         atomic_write_json(args.json, report)
     return 0

@@ -21,6 +21,7 @@ our adapters wrap module forwards, so two of our networks cannot share one modul
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import tempfile
 import time
@@ -55,7 +56,9 @@ from .bench import (
 
 STEP_TIME_RATIO_LIMIT = 1.0  # the issue's target against ComfyUI's own trainer (time and memory)
 BATCH_SIZES = (2, 4)
-COMFY_CHECKPOINT_DEPTH = 2  # ComfyUI's nodes_train depth of the transformer blocks (1 = the whole model)
+# ComfyUI's nodes_train checkpoint depth: 2 = each child of the diffusion model (every transformer block and the
+# top-level layers); 1 = the whole model as one checkpoint, the node's default.
+COMFY_CHECKPOINT_DEPTH = 2
 
 
 @dataclass
@@ -103,8 +106,9 @@ class ComfyBenchRun:
         from ..backends.comfyui.env import import_model_management
         from ..backends.comfyui.random_model import load_ltxav_checkpoint, write_tiny_ltxav_checkpoint
 
-        import_model_management()  # a clear error without ComfyUI
+        mm = import_model_management()  # a clear error without ComfyUI
         self.bench = bench
+        self.comfy_device = mm.get_torch_device()  # where ComfyUI puts the model (our steps run there too)
         base = bench.trainer_config()
         self.tiny = base.model.tiny
         checkpoint = write_tiny_ltxav_checkpoint(folder, MODEL_VERSION, self.tiny, seed=bench.seed)
@@ -126,6 +130,7 @@ class ComfyBenchRun:
         data["dataset"]["with_audio"] = with_audio
         data["timesteps"]["independent_audio"] = True
         data["model"]["gradient_checkpointing"] = True
+        data["train"]["device"] = str(self.comfy_device)
         if batch_size is not None:
             data["train"]["batch_size"] = batch_size
         return Config.from_dict(data)
@@ -382,3 +387,23 @@ def format_comfyui_report(report: dict) -> str:
         value = "n/a" if t["value"] is None else f"{t['value']:.3f}"
         lines.append(f"  {name}: {value} ({t['rule']}) {'met' if t['met'] else 'NOT met'}")
     return "\n".join(lines)
+
+
+def cmd_bench_comfyui(args: argparse.Namespace) -> int:
+    """``ltx2-av-trainer bench --backend comfyui`` (the CLI dispatches here on ``--backend``)."""
+    from ..io_utils import atomic_write_json
+
+    unused = [flag for flag, value in (("--checkpointing", args.checkpointing != "off"), ("--precision", args.precision),
+                                       ("--device", args.device), ("--compare-checkpointing", args.compare_checkpointing),
+                                       ("--unfused", args.unfused))
+              if value]
+    if unused:
+        raise ConfigError(f"bench --backend comfyui does not take {', '.join(unused)}: it runs fp32 on the device ComfyUI "
+                          "picks and always compares per-block checkpointing with none")
+    say = (lambda _message: None) if args.quiet else (lambda message: print(f"bench comfyui: {message}", flush=True))
+    report = run_comfyui_bench(args.preset, layers=args.layers, steps=args.steps, warmup=args.warmup, progress=say)
+    if not args.quiet:
+        print(format_comfyui_report(report))
+    if args.json:
+        atomic_write_json(args.json, report)
+    return 0

@@ -13,7 +13,8 @@ itself is ComfyUI's code, unchanged.
 Video only: the node trains one latent tensor per item and has no audio path. On LTX-2 it also needs
 checkpointing: without it autograd stops at the blocks' in-place residual updates ("modified by an inplace
 operation"), so ``checkpoint_depth`` is required (1 = the whole diffusion model, the node's default; 2 = each
-transformer block, like our ``checkpointing="block"``).
+child module of the diffusion model: every transformer block, as our ``checkpointing="block"``, and the top-level
+layers).
 """
 
 from __future__ import annotations
