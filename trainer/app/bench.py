@@ -692,7 +692,10 @@ def unfused_trainer(denoiser: DiffusersDenoiser, config: Config, samples: list[L
     optimisations undone: the single-tensor AdamW loop instead of the fused kernel, and the LoRA update as
     separate ops (``s·up(down(x))``, scaled, then added) instead of one GEMM accumulating into the base output.
     The bench's ``--unfused`` side: what those two changes are worth, measured in the same run."""
-    twin = DiffusersDenoiser(share_frozen_weights(denoiser.module), MODEL_VERSION, config.model.cross_modal_sigma)
+    module = share_frozen_weights(denoiser.module)
+    module.requires_grad_(False)  # frozen as the original (load_state_dict(assign=True) makes trainable Parameters)
+    module.eval()
+    twin = DiffusersDenoiser(module, MODEL_VERSION, config.model.cross_modal_sigma)
     if config.model.gradient_checkpointing:
         twin.enable_gradient_checkpointing()
     trainer = Trainer(config, twin, samples, Path(tempfile.gettempdir()) / "ltx2-av-trainer-bench-unused")
