@@ -9,7 +9,7 @@ PYTHON310 ?= $(shell for p in python3.10 $$HOME/.pyenv/versions/3.10*/bin/python
 VENV310 := .venv310
 STAMP310 := $(VENV310)/.installed
 
-.PHONY: setup demo test test-comfyui clean
+.PHONY: setup demo test test-comfyui gpu-check clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,11 @@ test-comfyui: $(STAMP)
 	$(BIN)/python -m pip install --quiet -r $(COMFYUI_PATH)/requirements.txt -c requirements-dev.txt
 	@test -x /usr/bin/chromium || echo "note: /usr/bin/chromium missing: tests/test_browser.py is skipped (apt-get install -y chromium)"
 	$(BIN)/python -m pytest -q -m comfyui
+
+# On a CUDA machine: everything the CPU tests cannot check, one table and gpu_check.json (set COMFYUI_PATH to add
+# the ComfyUI check). Without CUDA it prints what it would run.
+gpu-check: $(STAMP)
+	$(BIN)/python -m ltx2_av_trainer.trainer.app.gpu_check --json gpu_check.json
 
 clean:
 	rm -rf $(VENV) $(VENV310) demo_out .pytest_cache tests/artifacts

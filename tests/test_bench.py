@@ -18,6 +18,7 @@ from ltx2_av_trainer.trainer.app.bench import (
     BenchRun,
     _cpu_step_peak_bytes,
     cmd_bench,
+    measure_gemm_peak,
     reference_lora_targets,
     run_bench,
 )
@@ -57,6 +58,14 @@ def test_tiny_bench_returns_the_contract_with_sane_values(tiny_report):
     assert r["tokens_per_s"] == r["ours"]["tokens_per_s"] and r["data_share"] == r["ours"]["data_share"]
     assert "mfu" in r and r["mfu"] is None and "CPU" in r["mfu_note"]
     assert 0 < r["flops"]["forward"] < r["flops"]["train_step"]
+    gemm = r["gemm_peak"]
+    assert gemm["size"] == 2048 and gemm["dtype"] == "float32" and gemm["repeats"] >= 3
+    assert gemm["flops_per_s"] == max(gemm["at_start_flops_per_s"], gemm["at_end_flops_per_s"]) > 0
+    for side in ("ours", "reference"):
+        s = r[side]
+        assert s["achieved_flops_per_s"] == pytest.approx(r["flops"]["train_step"] / s["step_time_s"])
+        assert s["fraction_of_gemm_peak"] == pytest.approx(s["achieved_flops_per_s"] / gemm["flops_per_s"])
+        assert r["fraction_of_gemm_peak"][side] == s["fraction_of_gemm_peak"]
     # Each target holds the measured value it is named after, and "met" is its rule applied to it.
     pairs = [o / f for o, f in zip(r["ours"]["step_times_s"], r["reference"]["step_times_s"])]
     measured = {"step_time_vs_reference": statistics.median(pairs),
@@ -85,6 +94,32 @@ def test_checkpointing_cuts_measured_activation_memory(tiny_report):
     assert saving["on"]["step_peak_bytes"] < saving["off"]["step_peak_bytes"]
     assert saving["on"]["activation_bytes"] < saving["off"]["activation_bytes"]
     assert saving["step_peak_cut"] > 0 and saving["activation_cut"] > 0
+    assert saving["off"]["step_time_s"] > 0 and saving["on"]["step_time_s"] > 0
+    assert saving["time_ratio"] == pytest.approx(saving["on"]["step_time_s"] / saving["off"]["step_time_s"])
+
+
+def test_gemm_peak_times_the_matmul_it_names():
+    calls = []
+    original = torch.mm
+
+    def counting_mm(a, b):
+        calls.append((tuple(a.shape), tuple(b.shape), a.dtype))
+        return original(a, b)
+
+    import ltx2_av_trainer.trainer.app.bench as bench_module
+
+    durations = iter([0.5, 0.25, 0.4])  # the best of the timed runs counts
+
+    def timed(step, device):
+        return next(durations), step()
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "mm", counting_mm)
+        patch.setattr(bench_module, "_timed", timed)
+        peak = measure_gemm_peak(torch.device("cpu"), torch.float32, budget_s=0.0, size=64)
+    assert peak.size == 64 and peak.dtype == "float32" and peak.repeats == 3
+    assert calls == [((64, 64), (64, 64), torch.float32)] * 5  # two warm-ups, three timed
+    assert peak.flops_per_s == 2 * 64**3 / 0.25
 
 
 def test_reference_adapts_exactly_our_modules_on_shared_frozen_weights(tiny_run):
@@ -144,7 +179,7 @@ def test_cli_prints_a_table_and_writes_the_json_report(tmp_path, capsys):
     args = parser.parse_args(["--preset", "tiny", "--steps", "1", "--warmup", "1", "--json", str(out)])
     assert cmd_bench(args) == 0
     printed = capsys.readouterr().out
-    assert "step time" in printed and "peak memory" in printed and "targets" in printed
+    assert "step time" in printed and "peak memory" in printed and "targets" in printed and "of GEMM peak" in printed
     report = json.loads(out.read_text())
     assert report["preset"] == "tiny" and report["steps"] == 1 and len(report["ours"]["step_times_s"]) == 1
     assert not list(tmp_path.glob(".tmp-*"))

@@ -306,47 +306,64 @@ def test_block_checkpointing_reproduces_comfyui_forward_gradients(checkpoints):
         assert relative_error(with_block[name], without[name]) < GRADIENT_TOLERANCE
 
 
-@pytest.mark.comfyui
-def test_different_sigmas_never_share_a_forward(checkpoints):
-    denoiser, _ = reference_pair(checkpoints["2.0"], "2.0")
-    inputs = reference_inputs("2.0")
-    with torch.no_grad():
-        video, audio = denoiser(inputs)
-        for i in range(2):
-            single = DenoiserInput(
-                inputs.video[i : i + 1], inputs.audio[i : i + 1], inputs.sigma_video[i : i + 1],
-                inputs.sigma_audio[i : i + 1], inputs.text.select(slice(i, i + 1)), inputs.fps,
-            )
-            single_video, single_audio = denoiser(single)
-            assert relative_error(video[i : i + 1], single_video) < 1e-6
-            assert relative_error(audio[i : i + 1], single_audio) < 1e-6
+def four_samples_with_different_sigmas(version: str, per_token: bool) -> DenoiserInput:
+    """Four samples, every σ_v and σ_a different; per token: samples 1 and 3 vary inside a frame, sample 0
+    does not (so the forward must reorder the batch for ComfyUI's spatial-mask check)."""
+    first, second = reference_inputs(version, per_token=per_token, seed=0), reference_inputs(version, per_token=per_token, seed=1)
+    mask = torch.cat([first.text.mask, second.text.mask])
+    mask[2, -5:] = 0  # one more padded text
+    return DenoiserInput(
+        video=torch.cat([first.video, second.video]),
+        audio=torch.cat([first.audio, second.audio]),
+        sigma_video=torch.cat([first.sigma_video, 0.5 * second.sigma_video + 0.05]),
+        sigma_audio=torch.cat([first.sigma_audio, 0.5 * second.sigma_audio + 0.05]),
+        text=TextContext(torch.cat([first.text.video, second.text.video]), torch.cat([first.text.audio, second.text.audio]), mask),
+        fps=first.fps,
+    )
 
-        # Why: one ComfyUI forward over both samples takes the batch max for the gates, so sample 0's output
-        # changes with its neighbour's σ.
-        dm = denoiser.module
-        context = torch.cat([inputs.text.video, inputs.text.audio], dim=-1)
-        mask = inputs.text.mask
-        batched_video, _ = dm([inputs.video, inputs.audio], (inputs.sigma_video, inputs.sigma_audio), context,
-                              attention_mask=mask, frame_rate=inputs.fps, transformer_options={})
-        assert relative_error(batched_video[:1], video[:1]) > 1e-3
+
+def one_sample(inputs: DenoiserInput, i: int) -> DenoiserInput:
+    part = slice(i, i + 1)
+    return DenoiserInput(inputs.video[part], inputs.audio[part], inputs.sigma_video[part], inputs.sigma_audio[part],
+                         inputs.text.select(part), inputs.fps)
 
 
 @pytest.mark.comfyui
-def test_samples_with_equal_sigma_share_one_forward(checkpoints):
-    denoiser, _ = reference_pair(checkpoints["2.0"], "2.0")
-    base = reference_inputs("2.0")
-    index = torch.tensor([0, 1, 0])  # samples 0 and 2 share σ
-    inputs = DenoiserInput(base.video[index], base.audio[index], base.sigma_video[index], base.sigma_audio[index],
-                           base.text.select(index), base.fps)
-    calls = []
-    handle = denoiser.module.register_forward_pre_hook(lambda module, args: calls.append(args[0][0].shape[0]))
-    try:
+@pytest.mark.parametrize("wiring", ["reference", "own", "cross"])
+def test_batch_with_different_sigmas_is_one_forward_equal_to_single_forwards(checkpoints, wiring):
+    denoiser, _ = reference_pair(checkpoints["2.3"], "2.3", wiring=wiring)
+    for per_token in (False, True):
+        inputs = four_samples_with_different_sigmas("2.3", per_token)
+        calls = []
+        handle = denoiser.module.register_forward_pre_hook(lambda module, args: calls.append(args[0][0].shape[0]))
+        try:
+            with torch.no_grad():
+                video, audio = denoiser(inputs)
+        finally:
+            handle.remove()
+        assert calls == [4], calls
         with torch.no_grad():
-            video, _ = denoiser(inputs)
-    finally:
-        handle.remove()
-    assert sorted(calls) == [1, 2]
-    assert relative_error(video[2], video[0]) < 1e-6
+            for i in range(4):
+                single_video, single_audio = denoiser(one_sample(inputs, i))
+                assert relative_error(video[i : i + 1], single_video) < 1e-6, (per_token, i)
+                assert relative_error(audio[i : i + 1], single_audio) < 1e-6, (per_token, i)
+
+
+@pytest.mark.comfyui
+def test_batch_without_per_sample_gates_would_mix_samples(checkpoints, monkeypatch):
+    """Negative control: with ComfyUI's batch-wide gate max left in place, a sample's output depends on its
+    neighbours' σ, so the per-sample gates are what makes one forward per batch correct."""
+    import ltx2_av_trainer.trainer.backends.comfyui.denoiser as backend
+
+    denoiser, _ = reference_pair(checkpoints["2.3"], "2.3")
+    inputs = four_samples_with_different_sigmas("2.3", per_token=False)
+    with torch.no_grad():
+        singles = [denoiser(one_sample(inputs, i)) for i in range(4)]
+        monkeypatch.setattr(backend, "_cross_modal_sigma_hooks", lambda *args: contextlib.nullcontext())
+        video, audio = denoiser(inputs)
+    # σ_a is not the batch max in samples 0 and 2 (a2v gate), σ_v not in samples 1, 2 and 3 (v2a gate).
+    assert relative_error(video[0:1], singles[0][0]) > 1e-3
+    assert relative_error(audio[1:2], singles[1][1]) > 1e-3
 
 
 @pytest.mark.comfyui

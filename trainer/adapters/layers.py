@@ -74,6 +74,14 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
     return dequantized_weight(module)
 
 
+def _same_compute_dtype(out: torch.Tensor, h: torch.Tensor) -> bool:
+    """Whether ``addmm(out, h, up)`` computes in the dtype of ``out``, as ``out + (h·upᵀ).to(out.dtype)`` does:
+    under autocast when ``out`` already has the autocast dtype, otherwise when every operand shares it."""
+    if torch.is_autocast_enabled(out.device.type):
+        return out.dtype == torch.get_autocast_dtype(out.device.type)
+    return out.dtype == h.dtype
+
+
 class AdapterLayer(nn.Module):
     """Common parts: input dropout, rank dropout, and the contract every type implements."""
 
@@ -143,11 +151,25 @@ class LoRALayer(AdapterLayer):
     def scale(self) -> float:
         return self.alpha / self.rank
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
+    def _down(self, x: torch.Tensor) -> torch.Tensor:
         h = F.linear(self._input(x, self.down.dtype), self.down)
         if self._use_rank_dropout(h):
             h = h * self._rank_mask(h)
-        return F.linear(h, self.up) * self.scale
+        return h
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self._down(x), self.up) * self.scale
+
+    def adapted_forward(self, base_forward, x: torch.Tensor, args: tuple, kwargs: dict, multiplier: float) -> torch.Tensor:
+        out = base_forward(x, *args, **kwargs)
+        h = self._down(x)
+        if not _same_compute_dtype(out, h):
+            return out + (F.linear(h, self.up) * (self.scale * multiplier)).to(out.dtype)
+        # One GEMM that accumulates s·up·h into the base output (the scale is the GEMM's alpha): no
+        # [tokens, out] temporaries for the update, its scaling and the sum, in forward and backward.
+        fused = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), self.up.t(),
+                            alpha=self.scale * multiplier)
+        return fused.view(out.shape)
 
     def weight_delta(self, base_weight: torch.Tensor) -> torch.Tensor:
         return (self.up @ self.down) * self.scale

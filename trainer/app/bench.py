@@ -31,6 +31,7 @@ import re
 import statistics
 import tempfile
 import time
+import types
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -40,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..adapters.layers import AdapterLayer
 from ..adapters.network import LoRANetwork
 from ..backends.diffusers_backend import DiffusersDenoiser, build_denoiser, tiny_transformer_config
 from ..backends.interface import TextContext
@@ -47,6 +49,7 @@ from ..config import Config, ConfigError
 from ..data.batch_sampler import BucketBatchSampler
 from ..data.batches import LatentSample, collate
 from ..training.loop import PRECISION_DTYPES, Trainer
+from ..training.optim import build_scheduler
 from ..training.timesteps import sample_modality_sigmas
 from .bench_cli import PRECISIONS, PRESETS
 
@@ -422,38 +425,88 @@ class SavedTensorBytes:
 def measure_step_memory(step: Callable[[], object], device: torch.device, persistent: Callable[[], int],
                         weights: list[torch.Tensor]) -> MemoryMeasure:
     """Run ``step`` once under the memory counters (see the module docstring for what is counted)."""
-    saved = SavedTensorBytes({w.untyped_storage().data_ptr() for w in weights})
-    with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            start = torch.cuda.memory_allocated(device)
-            step()
-            torch.cuda.synchronize(device)
-            step_peak = torch.cuda.max_memory_allocated(device) - start
+    probe = StepMemoryProbe(device, weights)
+    probe.start()
+    try:
+        step()
+    finally:
+        step_peak, activation_bytes = probe.stop()
+    return MemoryMeasure(persistent(), step_peak, activation_bytes)
+
+
+class StepMemoryProbe:
+    """The memory counters of ``measure_step_memory`` as ``start()`` / ``stop()``, for a step that runs inside
+    someone else's loop (ComfyUI's trainer): ``stop()`` returns (step peak bytes, saved-activation bytes)."""
+
+    def __init__(self, device: torch.device, weights: list[torch.Tensor]):
+        self.device = device
+        self.saved = SavedTensorBytes({w.untyped_storage().data_ptr() for w in weights})
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self.saved.pack, self.saved.unpack)
+        self._cpu: _CpuAllocationPeak | None = None
+        self._start_bytes = 0
+
+    def start(self) -> None:
+        self._hooks.__enter__()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start_bytes = torch.cuda.memory_allocated(self.device)
         else:
-            step_peak = _cpu_step_peak_bytes(step)
-    return MemoryMeasure(persistent(), int(step_peak), saved.total)
+            self._cpu = _CpuAllocationPeak()
+            self._cpu.start()
+
+    def stop(self) -> tuple[int, int]:
+        try:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+                step_peak = torch.cuda.max_memory_allocated(self.device) - self._start_bytes
+            else:
+                step_peak = self._cpu.stop()
+        finally:
+            self._hooks.__exit__(None, None, None)
+        return int(step_peak), self.saved.total
+
+
+class _CpuAllocationPeak:
+    """Highest running sum of the CPU allocations and frees torch.profiler records between start and stop."""
+
+    # One profiling cycle is all we read, so its notice about clearing events between cycles does not apply.
+    _NOTICE = ".*clears events at the end of each cycle.*"
+
+    def start(self) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        # Kineto probes for GPUs when it starts and logs an error line on machines without one.
+        os.environ.setdefault("KINETO_LOG_LEVEL", "5")
+        self.profile = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=self._NOTICE)
+            self.profile.start()
+
+    def stop(self) -> int:
+        from torch.autograd import DeviceType
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=self._NOTICE)
+            self.profile.stop()
+        events = [e for e in self.profile.profiler.kineto_results.events()
+                  if e.name() == "[memory]" and e.device_type() == DeviceType.CPU]
+        events.sort(key=lambda e: e.start_ns())  # stable: simultaneous events keep their recorded order
+        running = peak = 0
+        for event in events:
+            running += event.nbytes()
+            peak = max(peak, running)
+        return peak
 
 
 def _cpu_step_peak_bytes(step: Callable[[], object]) -> int:
     """Highest running sum of the CPU allocations and frees torch.profiler records during ``step``."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    # Kineto probes for GPUs when it starts and logs an error line on machines without one.
-    os.environ.setdefault("KINETO_LOG_LEVEL", "5")
-    with warnings.catch_warnings():
-        # One profiling cycle is all we read, so its notice about clearing events between cycles does not apply.
-        warnings.filterwarnings("ignore", message=".*clears events at the end of each cycle.*")
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            step()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.device_type() == DeviceType.CPU]
-    events.sort(key=lambda e: e.start_ns())  # stable: simultaneous events keep their recorded order
-    running = peak = 0
-    for event in events:
-        running += event.nbytes()
-        peak = max(peak, running)
+    probe = _CpuAllocationPeak()
+    probe.start()
+    try:
+        step()
+    finally:
+        peak = probe.stop()
     return peak
 
 
@@ -558,6 +611,42 @@ def peak_bf16_flops(device: torch.device, precision: str) -> tuple[float | None,
     return None, f"{name}: not in the bench's peak-FLOPs table, so no MFU"
 
 
+@dataclass
+class GemmPeak:
+    """What one large square matmul achieves on the bench's device in the step's compute dtype: the "how close
+    to the limit" yardstick for the step's achieved FLOP/s, measured on the same machine in the same run."""
+
+    flops_per_s: float
+    size: int
+    dtype: str
+    repeats: int
+
+    def to_dict(self) -> dict:
+        return {"flops_per_s": self.flops_per_s, "size": self.size, "dtype": self.dtype, "repeats": self.repeats}
+
+
+GEMM_SIZES = {"cpu": 2048, "cuda": 8192}
+
+
+def measure_gemm_peak(device: torch.device, dtype: torch.dtype, budget_s: float = 1.0, size: int | None = None) -> GemmPeak:
+    """The best FLOP/s of ``size``² @ ``size``² matmuls (2048 on CPU, 8192 on CUDA) repeated for about
+    ``budget_s`` (at least three timed runs after two warm-ups). The best run, because load from elsewhere
+    on the machine only ever slows a run down."""
+    n = size or GEMM_SIZES.get(device.type, 2048)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(device, dtype)
+    b = torch.randn(n, n, generator=g).to(device, dtype)
+    for _ in range(2):
+        torch.mm(a, b)
+    _synchronize(device)
+    best, repeats, started = float("inf"), 0, time.perf_counter()
+    while repeats < 3 or time.perf_counter() - started < budget_s:
+        elapsed, _ = _timed(lambda: torch.mm(a, b), device)
+        best = min(best, elapsed)
+        repeats += 1
+    return GemmPeak(2.0 * n**3 / best, n, str(dtype).removeprefix("torch."), repeats)
+
+
 # --------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------
@@ -598,8 +687,30 @@ def _timed(step: Callable[[], dict], device: torch.device) -> tuple[float, dict]
     return time.perf_counter() - started, out
 
 
+def unfused_trainer(denoiser: DiffusersDenoiser, config: Config, samples: list[LatentSample]) -> Trainer:
+    """Our trainer on a second instance of ``denoiser``'s model (shared frozen weights), with the two step
+    optimisations undone: the single-tensor AdamW loop instead of the fused kernel, and the LoRA update as
+    separate ops (``s·up(down(x))``, scaled, then added) instead of one GEMM accumulating into the base output.
+    The bench's ``--unfused`` side: what those two changes are worth, measured in the same run."""
+    module = share_frozen_weights(denoiser.module)
+    module.requires_grad_(False)  # frozen as the original (load_state_dict(assign=True) makes trainable Parameters)
+    module.eval()
+    twin = DiffusersDenoiser(module, MODEL_VERSION, config.model.cross_modal_sigma)
+    if config.model.gradient_checkpointing:
+        twin.enable_gradient_checkpointing()
+    trainer = Trainer(config, twin, samples, Path(tempfile.gettempdir()) / "ltx2-av-trainer-bench-unused")
+    for layer in trainer.network.layers.values():
+        layer.adapted_forward = types.MethodType(AdapterLayer.adapted_forward, layer)
+    opt = config.optimizer
+    groups = [{"params": g["params"], "lr": g.get("initial_lr", g["lr"]), "name": g["name"]} for g in trainer.optimizer.param_groups]
+    trainer.optimizer = torch.optim.AdamW(groups, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps,
+                                          weight_decay=opt.weight_decay, foreach=False)
+    trainer.scheduler = build_scheduler(trainer.optimizer, config.train.steps, config.schedule)
+    return trainer
+
+
 class BenchRun:
-    def __init__(self, bench: BenchConfig):
+    def __init__(self, bench: BenchConfig, unfused: bool = False):
         self.bench = bench
         self.device = _resolve_device(bench)
         self.config = bench.trainer_config()
@@ -609,6 +720,7 @@ class BenchRun:
         self.trainer = Trainer(self.config, denoiser, self.samples, Path(tempfile.gettempdir()) / "ltx2-av-trainer-bench-unused")
         self.reference = ReferenceLoop(denoiser.module, self.trainer.network, self.config, self.samples,
                                        self.device, self.trainer.autocast_dtype)
+        self.unfused = unfused_trainer(denoiser, self.config, self.samples) if unfused else None
 
     # ---- the two steps ----------------------------------------------------------------------
 
@@ -621,17 +733,27 @@ class BenchRun:
     def reference_step(self) -> dict:
         return self.reference.step()
 
+    def unfused_step(self) -> dict:
+        metrics = self.unfused.train_step()
+        if metrics is None:
+            raise RuntimeError("the unfused training step was skipped (non-finite loss) on random bench data")
+        return metrics
+
     # ---- measurements -----------------------------------------------------------------------
 
     def time_steps(self, progress: Callable[[int, int], None] | None = None) -> tuple[SideTimes, SideTimes]:
-        """Alternate the two steps; ``progress(done, total)`` after each pair."""
+        """Alternate the two steps (three with ``--unfused``); ``progress(done, total)`` after each round. The
+        unfused side's times are kept in ``self.unfused_times``."""
         bench = self.bench
         sides = {"ours": (self.ours_step, SideTimes([], [], {})), "reference": (self.reference_step, SideTimes([], [], {}))}
+        if self.unfused is not None:
+            sides["unfused"] = (self.unfused_step, SideTimes([], [], {}))
+        names = list(sides)
         if progress:
             progress(0, bench.warmup + bench.steps)
         for i in range(bench.warmup + bench.steps):
-            # Flip the order every step so neither side always runs on the other's warm caches.
-            order = ("ours", "reference") if i % 2 == 0 else ("reference", "ours")
+            # Rotate the order every step so no side always runs on another's warm caches.
+            order = names[i % len(names):] + names[:i % len(names)]
             for name in order:
                 step, times = sides[name]
                 elapsed, out = _timed(step, self.device)
@@ -642,6 +764,7 @@ class BenchRun:
                     times.data_times_s.append(out["data_time_s"])
             if progress:
                 progress(i + 1, bench.warmup + bench.steps)
+        self.unfused_times = sides["unfused"][1] if self.unfused is not None else None
         return sides["ours"][1], sides["reference"][1]
 
     def _weights(self) -> list[torch.Tensor]:
@@ -666,25 +789,32 @@ class BenchRun:
             self._weights(),
         )
 
-    def compare_checkpointing(self) -> dict:
-        """Our step's memory with gradient checkpointing off and on (same model, one step each)."""
+    def compare_checkpointing(self, timed_steps: int = 3) -> dict:
+        """Our step with gradient checkpointing off and on (same model): memory of one step each, then the
+        median time of ``timed_steps`` steps each, alternating."""
         module = self.trainer.denoiser.module
         was_on = self.bench.checkpointing
-        results = {}
+
+        def switch(state: str) -> None:
+            module.enable_gradient_checkpointing() if state == "on" else module.disable_gradient_checkpointing()
+
+        memory, times = {}, {"off": [], "on": []}
         for state in ("off", "on"):
-            if state == "on":
-                module.enable_gradient_checkpointing()
-            else:
-                module.disable_gradient_checkpointing()
-            results[state] = self.measure_ours()
-        if not was_on:
-            module.disable_gradient_checkpointing()
-        off, on = results["off"], results["on"]
+            switch(state)
+            memory[state] = self.measure_ours()
+        for _ in range(timed_steps):
+            for state in ("off", "on"):
+                switch(state)
+                times[state].append(_timed(self.ours_step, self.device)[0])
+        switch("on" if was_on else "off")
+        off, on = memory["off"], memory["on"]
+        time_off, time_on = statistics.median(times["off"]), statistics.median(times["on"])
         return {
-            "off": {"step_peak_bytes": off.step_peak_bytes, "activation_bytes": off.activation_bytes},
-            "on": {"step_peak_bytes": on.step_peak_bytes, "activation_bytes": on.activation_bytes},
+            "off": {"step_peak_bytes": off.step_peak_bytes, "activation_bytes": off.activation_bytes, "step_time_s": time_off},
+            "on": {"step_peak_bytes": on.step_peak_bytes, "activation_bytes": on.activation_bytes, "step_time_s": time_on},
             "step_peak_cut": _cut(off.step_peak_bytes, on.step_peak_bytes),
             "activation_cut": _cut(off.activation_bytes, on.activation_bytes),
+            "time_ratio": time_on / time_off,
         }
 
     def flops(self) -> FlopCount:
@@ -698,7 +828,8 @@ def _cut(before: int, after: int) -> float | None:
     return None if before <= 0 else 1.0 - after / before
 
 
-def _side_report(times: SideTimes, memory: MemoryMeasure, tokens_per_step: int, train_flops: float, peak_flops: float | None) -> dict:
+def _side_report(times: SideTimes, memory: MemoryMeasure, tokens_per_step: int, train_flops: float, peak_flops: float | None,
+                 gemm_peak_flops: float) -> dict:
     step = statistics.median(times.step_times_s)
     shares = [d / t for d, t in zip(times.data_times_s, times.step_times_s) if t > 0]
     return {
@@ -713,6 +844,8 @@ def _side_report(times: SideTimes, memory: MemoryMeasure, tokens_per_step: int, 
         "data_share": statistics.median(shares),
         "initial_loss": times.initial_loss,
         "mfu": None if peak_flops is None else train_flops / step / peak_flops,
+        "achieved_flops_per_s": train_flops / step,
+        "fraction_of_gemm_peak": train_flops / step / gemm_peak_flops,
     }
 
 
@@ -729,14 +862,17 @@ def _relative_difference(a: float | None, b: float | None) -> float | None:
 
 def run_bench(preset: str = "small", layers: int | None = None, checkpointing: bool = False, precision: str | None = None,
               steps: int | None = None, warmup: int | None = None, device: str | None = None,
-              compare_checkpointing: bool = False, progress: Callable[[int, int], None] | None = None) -> dict:
+              compare_checkpointing: bool = False, progress: Callable[[int, int], None] | None = None,
+              unfused: bool = False) -> dict:
     """Run the bench and return its report: the architecture's bench contract (``device``, ``model``, ``ours``,
     ``reference``, ``ratio_step_time``, ``ratio_peak_mem``, ``mfu``) plus tokens/s, data share, memory
     components, analytic FLOPs, the targets with their measured values, and ``checkpointing_saving`` when
     ``compare_checkpointing`` is on. ``progress(done, total)`` is called after every timed pair of steps."""
     bench = BenchConfig.from_preset(preset, layers=layers, checkpointing=checkpointing, precision=precision,
                                     steps=steps, warmup=warmup, device=device)
-    run = BenchRun(bench)
+    run = BenchRun(bench, unfused=unfused)
+    compute_dtype = run.trainer.autocast_dtype or torch.float32
+    gemm_at_start = measure_gemm_peak(run.device, compute_dtype)
     ours_times, reference_times = run.time_steps(progress)
     ours_memory, reference_memory = run.measure_ours(), run.measure_reference()
     checkpointing_saving = run.compare_checkpointing() if compare_checkpointing else None
@@ -745,12 +881,25 @@ def run_bench(preset: str = "small", layers: int | None = None, checkpointing: b
     tokens_per_step = (s.video_tokens + s.audio_frames) * s.batch_size
     flops = run.flops()
     peak_flops, peak_note = peak_bf16_flops(run.device, bench.precision)
-    ours = _side_report(ours_times, ours_memory, tokens_per_step, flops.train_step, peak_flops)
-    reference = _side_report(reference_times, reference_memory, tokens_per_step, flops.train_step, peak_flops)
+    gemm_at_end = measure_gemm_peak(run.device, compute_dtype)
+    gemm = max(gemm_at_start, gemm_at_end, key=lambda peak: peak.flops_per_s)
+    ours = _side_report(ours_times, ours_memory, tokens_per_step, flops.train_step, peak_flops, gemm.flops_per_s)
+    reference = _side_report(reference_times, reference_memory, tokens_per_step, flops.train_step, peak_flops, gemm.flops_per_s)
     # Each pair of steps ran back to back, so a burst of load from elsewhere on the machine hits both:
     # the median of the per-pair ratios is steadier than the ratio of the medians.
     ratio_step = statistics.median(o / r for o, r in zip(ours_times.step_times_s, reference_times.step_times_s))
     ratio_mem = ours["peak_mem_bytes"] / reference["peak_mem_bytes"]
+    unfused_report = None
+    if run.unfused_times is not None:
+        times = run.unfused_times.step_times_s
+        step = statistics.median(times)
+        unfused_report = {
+            "step_time_s": step, "step_times_s": times,
+            "ratio_step_time_vs_reference": statistics.median(u / r for u, r in zip(times, reference_times.step_times_s)),
+            "ratio_step_time_ours_vs_unfused": statistics.median(o / u for o, u in zip(ours_times.step_times_s, times)),
+            "achieved_flops_per_s": flops.train_step / step,
+            "fraction_of_gemm_peak": flops.train_step / step / gemm.flops_per_s,
+        }
     loss_diff = max(_relative_difference(ours["initial_loss"][k], reference["initial_loss"][k]) for k in ("video", "audio"))
 
     targets = {
@@ -795,9 +944,15 @@ def run_bench(preset: str = "small", layers: int | None = None, checkpointing: b
                             "gradients of frozen layers + attention + adapter weight gradients; recomputation not counted"},
         "mfu": None if peak_flops is None else {"ours": ours["mfu"], "reference": reference["mfu"], "peak_flops": peak_flops},
         "mfu_note": peak_note,
+        "gemm_peak": {**gemm.to_dict(), "at_start_flops_per_s": gemm_at_start.flops_per_s,
+                      "at_end_flops_per_s": gemm_at_end.flops_per_s,
+                      "method": "best time of a size x size matmul in the step's compute dtype on the bench's device, "
+                                "measured at start-up and again at the end (the higher is used)"},
+        "fraction_of_gemm_peak": {"ours": ours["fraction_of_gemm_peak"], "reference": reference["fraction_of_gemm_peak"]},
         "targets": targets,
         "targets_note": "the step-time, memory and checkpointing targets are set for the small preset on CPU",
         "checkpointing_saving": checkpointing_saving,
+        "unfused": unfused_report,
         "notes": [
             "reference: diffusers forward with timestep/audio_timestep and no σ-gate hooks; the bench draws σ_a = σ_v "
             "so every cross-modal wiring computes the same and the first-step losses of both sides match",
@@ -830,7 +985,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     report = run_bench(args.preset, layers=args.layers, checkpointing=args.checkpointing == "on", precision=args.precision,
                        steps=args.steps, warmup=args.warmup, device=args.device,
-                       compare_checkpointing=args.compare_checkpointing, progress=progress)
+                       compare_checkpointing=args.compare_checkpointing, progress=progress, unfused=args.unfused)
     if not args.quiet:
         print(format_report(report))
     if args.json:
@@ -863,11 +1018,22 @@ def format_report(report: dict) -> str:
     if report["mfu"] is not None:
         lines.append(_row("MFU", f"{100 * ours['mfu']:.1f} %", f"{100 * ref['mfu']:.1f} %", None))
     lines.append(f"model FLOPs per training step: {_flops(report['flops']['train_step'])}; {report['mfu_note']}")
+    gemm = report["gemm_peak"]
+    lines.append(f"achieved: ours {_flops(ours['achieved_flops_per_s'])}/s = {100 * ours['fraction_of_gemm_peak']:.1f} % of GEMM "
+                 f"peak, reference {_flops(ref['achieved_flops_per_s'])}/s = {100 * ref['fraction_of_gemm_peak']:.1f} %; GEMM peak "
+                 f"{_flops(gemm['flops_per_s'])}/s ({gemm['size']}x{gemm['size']} {gemm['dtype']} matmul on this device)")
+    unfused = report.get("unfused")
+    if unfused is not None:
+        lines.append(f"unfused (AdamW loop, LoRA update as separate ops): {_seconds(unfused['step_time_s'])}, "
+                     f"{unfused['ratio_step_time_vs_reference']:.3f}x the reference, "
+                     f"{100 * unfused['fraction_of_gemm_peak']:.1f} % of GEMM peak; ours / unfused "
+                     f"{unfused['ratio_step_time_ours_vs_unfused']:.3f}")
     saving = report["checkpointing_saving"]
     if saving is not None:
         lines.append(f"checkpointing: step peak {_bytes(saving['off']['step_peak_bytes'])} -> {_bytes(saving['on']['step_peak_bytes'])} "
                      f"({100 * (saving['step_peak_cut'] or 0):.0f} % less), saved activations "
-                     f"{_bytes(saving['off']['activation_bytes'])} -> {_bytes(saving['on']['activation_bytes'])}")
+                     f"{_bytes(saving['off']['activation_bytes'])} -> {_bytes(saving['on']['activation_bytes'])}, step time "
+                     f"{_seconds(saving['off']['step_time_s'])} -> {_seconds(saving['on']['step_time_s'])} ({saving['time_ratio']:.2f}x)")
     lines.append("targets (" + report["targets_note"] + "):")
     for name, t in report["targets"].items():
         value = "n/a" if t["value"] is None else f"{t['value']:.3f}"

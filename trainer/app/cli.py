@@ -160,7 +160,10 @@ def cmd_report(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import cmd_bench as run
+    if args.backend == "comfyui":
+        from .bench_comfyui import cmd_bench_comfyui as run
+    else:
+        from .bench import cmd_bench as run
 
     return run(args)
 

@@ -59,9 +59,10 @@ def build_optimizer(network, cfg: OptimizerConfig, schedule: ScheduleConfig, dev
     groups = parameter_groups(network, cfg)
     betas = tuple(cfg.betas)
     if cfg.name == "adamw":
-        # foreach=False keeps the update order (and so the bits) identical across resumes and
-        # between CPU runs of different lengths.
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay, foreach=False)
+        # The fused kernel (one pass per tensor instead of about ten small ops) on CPU and CUDA; it is
+        # deterministic, so resumes stay bit for bit. Elsewhere the single-tensor loop, for the same reason.
+        implementation = {"fused": True} if device.type in ("cpu", "cuda") else {"foreach": False}
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay, **implementation)
     if cfg.name == "adamw8bit":
         if device.type != "cuda":
             raise ConfigError(f"optimizer.name = \"adamw8bit\" needs a CUDA device (bitsandbytes' 8-bit optimizers); this run is on {device}. Use \"adamw\".")

@@ -23,18 +23,23 @@ connectors itself, ComfyUI's "compat mode", already returns processed context, r
 ``text_context_from_conditioning`` does the same for a CONDITIONING tensor. A text mask that is all ones is passed as ``None``, as at sampling time;
 otherwise it becomes ComfyUI's integer mask (a float mask would be read as an additive bias).
 
-One forward per σ. ComfyUI computes the a2v gate timestep as ``max()`` of σ_a over the whole batch and the
-v2a gate as ``max()`` of σ_v over the whole batch, so in a batch whose samples have different σ each output
-would depend on its neighbours (a relative change of about 0.6 video / 0.15 audio on the tiny model). Samples therefore share a forward only when their σ_v and σ_a
-are identical (including per-token σ); otherwise each runs alone and the outputs are concatenated. With one
-sample the max is that sample's σ of its noisy part, i.e. the reference wiring: scale/shift from each
-modality's own (per-token) timestep, a2v gate from σ_a, v2a gate from σ_v. The older wirings ("own",
-"cross", see ``ModelConfig.cross_modal_sigma``) are produced by forward pre-hooks on the four cross-modal
-adaLN modules, which run outside the transformer blocks (so block checkpointing does not recompute them) and
-are removed after each forward.
+One forward per batch. ComfyUI computes the a2v gate timestep as ``max()`` of σ_a over the whole batch and
+the v2a gate as ``max()`` of σ_v over the whole batch, so in a batch whose samples have different σ each
+output would depend on its neighbours (a relative change of about 0.6 video / 0.15 audio on the tiny model).
+While our forward runs, forward pre-hooks on the two gate adaLN modules (``_cross_modal_sigma_hooks``) give
+them each sample's own max instead: per sample this is exactly what ComfyUI computes for that sample alone
+(the reference wiring: scale/shift from each modality's own per-token timestep, a2v gate from σ_a, v2a gate
+from σ_v), so a batch with independent σ is one forward. Conditioning tokens (σ = 0) never change a sample's
+max. The older wirings ("own", "cross", see ``ModelConfig.cross_modal_sigma``) replace the inputs of all
+four cross-modal adaLN modules the same way. The hooks sit on the module instances only while our forward
+runs and are removed after it (also on errors); ComfyUI executes one prompt at a time, so no sampler shares
+the module meanwhile. They run outside the transformer blocks, so block checkpointing does not recompute
+them. ComfyUI's own files and classes are never changed.
 
 Per-token video σ. ComfyUI compresses video timesteps to one row per latent frame unless it is told the
 mask is spatial; when σ varies inside a frame we pass it as ``denoise_mask`` so nothing is compressed.
+ComfyUI looks at the first sample's mask only, so such a sample is moved to the front of the batch for the
+forward (``_batch_order``) and the outputs are put back in order.
 
 No audio. ``audio=None`` runs ``[vx]`` alone: ComfyUI gives the model an empty audio stream, which switches
 off the audio branch and both cross-modal attentions (``run_ax``/``run_a2v``/``run_v2a`` are false for zero
@@ -271,28 +276,26 @@ class ComfyDenoiser:
                 "the MODEL holds inference tensors (it was loaded inside torch.inference_mode, as ComfyUI nodes "
                 "run); call prepare_for_training(model_patcher) or ComfyDenoiser.load() before training"
             )
-        batch = _validate(inputs, context_widths(self.diffusion_model))
+        _validate(inputs, context_widths(self.diffusion_model))
         device = self.model_patcher.load_device
         dtype = self.model_patcher.model.get_dtype_inference()
 
-        video_slots: list[torch.Tensor | None] = [None] * batch
-        audio_slots: list[torch.Tensor | None] = [None] * batch
-        for group in _groups_with_equal_sigma(inputs.sigma_video, inputs.sigma_audio):
-            index = torch.tensor(group, device=inputs.video.device)
-            video_out, audio_out = self._forward_group(inputs, index, device, dtype, training)
-            for row, sample in enumerate(group):
-                video_slots[sample] = video_out[row : row + 1]
-                if audio_out is not None:
-                    audio_slots[sample] = audio_out[row : row + 1]
-        video = torch.cat(video_slots).to(inputs.video.dtype)
+        order = _batch_order(inputs.sigma_video, inputs.video.shape)
+        index = torch.tensor(order, device=inputs.video.device)
+        video, audio = self._forward_batch(inputs, index, device, dtype, training)
+        if order != sorted(order):
+            restore = torch.argsort(index).to(video.device)
+            video = video.index_select(0, restore)
+            audio = None if audio is None else audio.index_select(0, restore)
+        video = video.to(inputs.video.dtype)
         if inputs.audio is None:
             return video, None
-        return video, torch.cat(audio_slots).to(inputs.audio.dtype)
+        return video, audio.to(inputs.audio.dtype)
 
     # ---- internals --------------------------------------------------------------------------
 
-    def _forward_group(self, inputs: DenoiserInput, index: torch.Tensor, device, dtype, training: bool):
-        """One ComfyUI forward for samples that share σ."""
+    def _forward_batch(self, inputs: DenoiserInput, index: torch.Tensor, device, dtype, training: bool):
+        """One ComfyUI forward for the whole batch, its samples in ``index`` order."""
         # index_select copies, so inputs made inside torch.inference_mode (e.g. a node's latents) come out
         # as normal tensors that autograd may save.
         vx = inputs.video.index_select(0, index).to(device=device, dtype=dtype)
@@ -428,12 +431,14 @@ def _grad_safe_forward() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _cross_modal_sigma_hooks(diffusion_model: nn.Module, wiring: str, v_t: torch.Tensor, a_t: torch.Tensor | None):
-    """Forward pre-hooks giving the four cross-modal adaLN modules the σ of the chosen wiring.
+    """Forward pre-hooks giving the cross-modal adaLN modules the σ of the chosen wiring, per sample.
 
-    "reference" is ComfyUI's own wiring for a batch with one σ: no hooks. The replacement keeps the shape
-    of the input ComfyUI computed (flattened per token or per sample), so the rest of its code is unchanged.
+    "reference" is ComfyUI's own wiring with the batch-wide max of the two gates replaced by each sample's
+    own max (see the module docstring). The replacement keeps the shape of the input ComfyUI computed
+    (flattened per token or per sample), so the rest of its code is unchanged. Without audio the cross-modal
+    attentions are off and nothing is hooked.
     """
-    if wiring == "reference" or a_t is None:
+    if a_t is None:
         yield
         return
     scale = float(diffusion_model.timestep_scale_multiplier)
@@ -445,7 +450,13 @@ def _cross_modal_sigma_hooks(diffusion_model: nn.Module, wiring: str, v_t: torch
     def per_sample_like(values: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
         return values.to(original.dtype).view(batch, 1).expand(batch, original.numel() // batch).reshape(original.shape)
 
-    if wiring == "own":  # everything from the modality's own (per-token) timestep
+    per_sample_gates = {
+        "av_ca_a2v_gate_adaln_single": lambda original: per_sample_like(a_sample * gate_ratio, original),
+        "av_ca_v2a_gate_adaln_single": lambda original: per_sample_like(v_sample * gate_ratio, original),
+    }
+    if wiring == "reference":  # ComfyUI's gates, from each sample's σ instead of the batch max
+        replacements = per_sample_gates
+    elif wiring == "own":  # everything from the modality's own (per-token) timestep
         replacements = {
             "av_ca_a2v_gate_adaln_single": lambda original: (v_t * scale * gate_ratio).to(original.dtype).reshape(original.shape),
             "av_ca_v2a_gate_adaln_single": lambda original: (a_t * scale * gate_ratio).to(original.dtype).reshape(original.shape),
@@ -454,8 +465,7 @@ def _cross_modal_sigma_hooks(diffusion_model: nn.Module, wiring: str, v_t: torch
         replacements = {
             "av_ca_video_scale_shift_adaln_single": lambda original: per_sample_like(a_sample, original),
             "av_ca_audio_scale_shift_adaln_single": lambda original: per_sample_like(v_sample, original),
-            "av_ca_a2v_gate_adaln_single": lambda original: per_sample_like(a_sample * gate_ratio, original),
-            "av_ca_v2a_gate_adaln_single": lambda original: per_sample_like(v_sample * gate_ratio, original),
+            **per_sample_gates,
         }
     handles = []
     try:
@@ -513,21 +523,20 @@ def _check_sigma(name: str, sigma: torch.Tensor, batch: int, tokens: int) -> Non
         raise ValueError(f"{name} must be [{batch}] or per token [{batch}, {tokens}], got {tuple(sigma.shape)}")
 
 
-def _groups_with_equal_sigma(sigma_video: torch.Tensor, sigma_audio: torch.Tensor | None) -> list[list[int]]:
-    """Sample indices grouped so that every group has identical σ_v and σ_a (ComfyUI's gates take the
-    batch max; see the module docstring)."""
-    groups: list[list[int]] = []
-    for sample in range(sigma_video.shape[0]):
-        for group in groups:
-            first = group[0]
-            if torch.equal(sigma_video[sample], sigma_video[first]) and (
-                sigma_audio is None or torch.equal(sigma_audio[sample], sigma_audio[first])
-            ):
-                group.append(sample)
-                break
-        else:
-            groups.append([sample])
-    return groups
+def _batch_order(sigma_video: torch.Tensor, video_shape: torch.Size) -> list[int]:
+    """The order of the samples in the forward: a sample whose per-token σ varies inside a latent frame
+    first, because ComfyUI decides from the first sample's ``denoise_mask`` alone whether σ may be
+    compressed to one value per frame (see the module docstring); otherwise the batch order."""
+    order = list(range(sigma_video.shape[0]))
+    if sigma_video.ndim == 1:
+        return order
+    _, _, frames, height, width = video_shape
+    flat = sigma_video.reshape(len(order), frames, height * width)
+    varies = (flat != flat[..., :1]).flatten(1).any(dim=1).tolist()
+    if varies[0] or not any(varies):
+        return order
+    first = varies.index(True)
+    return [first] + [sample for sample in order if sample != first]
 
 
 def _append_guide(vx: torch.Tensor, v_t: torch.Tensor, guide: torch.Tensor):
@@ -558,7 +567,8 @@ def _per_token(t: torch.Tensor, tokens: int) -> torch.Tensor:
 
 def _spatial_sigma_mask(v_t: torch.Tensor, video_shape: torch.Size) -> torch.Tensor | None:
     """``denoise_mask`` that stops ComfyUI compressing per-token σ to one value per frame, when σ varies
-    inside a frame (ComfyUI checks the first sample; all samples of a group share σ)."""
+    inside a frame of any sample (ComfyUI checks the first sample only: ``_batch_order`` puts such a sample
+    first)."""
     if v_t.ndim == 1:
         return None
     batch, _, frames, height, width = video_shape
