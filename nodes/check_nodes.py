@@ -7,6 +7,7 @@ without it from the same seed through ComfyUI's own sampling (``trainer/backends
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from comfy_api.latest import io
@@ -16,7 +17,14 @@ from ..trainer.adapters.verify import VerifyReport, model_modules, verify_report
 from ..trainer.backends.comfyui.denoiser import detect_comfy_version, ltxav_diffusion_model
 from ..trainer.backends.comfyui.encoders import check_audio_vae, check_video_vae
 from ..trainer.backends.comfyui.lora_keys import keys_comfyui_applies
-from ..trainer.backends.comfyui.sampling import DEFAULT_NEGATIVE, GenerationRequest, generate, with_lora
+from ..trainer.backends.comfyui.sampling import (
+    DEFAULT_NEGATIVE,
+    GenerationRequest,
+    References,
+    generate,
+    iclora_parameters,
+    with_lora,
+)
 from .types import CATEGORY_CHECK, LoRAType, lora_payload
 
 NO_FILE = "(none)"
@@ -102,16 +110,20 @@ def check_sample_geometry(frames: int, width: int, height: int) -> None:
 
 
 def sample_with_and_without(model, clip, vae, audio_vae, lora_path: Path, request: GenerationRequest,
-                            strength: float = 1.0) -> dict:
+                            strength: float = 1.0, references: References = References()) -> dict:
     """{"lora": (IMAGE, AUDIO), "base": (IMAGE, AUDIO)}: the same generation through ComfyUI's own sampling
     (``trainer/backends/comfyui/sampling``), with the LoRA applied as LoraLoaderModelOnly does (on a clone; the
-    MODEL itself is untouched) and without it."""
+    MODEL itself is untouched) and without it, both with the same references (an IC-LoRA guide scaled as the
+    LoRA's metadata says on both sides)."""
     check_sample_geometry(request.frames, request.width, request.height)
     check_video_vae(vae)
     check_audio_vae(audio_vae)
     detect_comfy_version(ltxav_diffusion_model(model))
-    return {"lora": generate(with_lora(model, lora_path, strength), clip, vae, audio_vae, request),
-            "base": generate(model, clip, vae, audio_vae, request)}
+    with_the_lora = with_lora(model, lora_path, strength)
+    if references.guide_video is not None:
+        references = dataclasses.replace(references, iclora_parameters=iclora_parameters(with_the_lora))
+    return {"lora": generate(with_the_lora, clip, vae, audio_vae, request, references),
+            "base": generate(model, clip, vae, audio_vae, request, references)}
 
 
 class SampleAV(io.ComfyNode):
@@ -151,6 +163,13 @@ class SampleAV(io.ComfyNode):
                                tooltip="Strength of the LoRA on the model (LoraLoaderModelOnly's strength_model)."),
                 io.Float.Input("frame_rate", default=defaults.frame_rate, min=1.0, max=120.0, step=0.01, optional=True,
                                advanced=True, tooltip="Frames per second of the video and the length of the audio (LTXVConditioning, LTXVEmptyLatentAudio)."),
+                # The training modes' references (conditioning.mode): what the LoRA was trained to be given.
+                io.Image.Input("first_frame", optional=True, advanced=True,
+                               tooltip="For first-frame (image-to-video) LoRAs: the clip's first frame (LTXVImgToVideo, strength 1)."),
+                io.Image.Input("guide_video", optional=True, advanced=True,
+                               tooltip="For IC-LoRAs: the reference video's frames (GetICLoRAParameters + LTXVAddGuide at frame 0, strength 1; cropped with LTXVCropGuides). Both sides get the guide scaled as the LoRA's metadata says."),
+                io.Audio.Input("reference_audio", optional=True, advanced=True,
+                               tooltip="For ID-LoRAs: the voice to clone, about 5 s (LTXVReferenceAudio, identity guidance 3)."),
             ],
             outputs=[
                 io.Image.Output("video_lora", tooltip="Frames with the LoRA."),
@@ -164,10 +183,11 @@ class SampleAV(io.ComfyNode):
     def execute(cls, model, clip, vae, audio_vae, prompt: str, seed: int, steps: int, frames: int, width: int, height: int,
                 guidance: float, lora=None, lora_name: str | None = None, negative_prompt: str = DEFAULT_NEGATIVE,
                 sampler_name: str = "euler_ancestral", lora_strength: float = 1.0,
-                frame_rate: float = 25.0) -> io.NodeOutput:
+                frame_rate: float = 25.0, first_frame=None, guide_video=None, reference_audio=None) -> io.NodeOutput:
         request = GenerationRequest(prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=steps,
                                     frames=frames, width=width, height=height, frame_rate=frame_rate, guidance=guidance,
                                     sampler_name=sampler_name)
+        references = References(first_frame=first_frame, guide_video=guide_video, reference_audio=reference_audio)
         results = sample_with_and_without(model, clip, vae, audio_vae, chosen_lora(lora, lora_name), request,
-                                          strength=lora_strength)
+                                          strength=lora_strength, references=references)
         return io.NodeOutput(*results["lora"], *results["base"])

@@ -15,6 +15,7 @@ from ..trainer.adapters.formats import LORA_FORMATS
 from ..trainer.adapters.merge import MERGE_METHODS, merge_files
 from ..trainer.app.lora_cli import convert_file
 from ..trainer.backends.comfyui.denoiser import ltxav_diffusion_model
+from ..trainer.backends.comfyui.sampling import with_lora
 from .check_nodes import NO_FILE, chosen_lora, lora_file_choices
 from .train_nodes import lora_target
 from .types import CATEGORY, CATEGORY_TRAIN, LoRAType, lora_payload
@@ -176,12 +177,7 @@ class ApplyTrainedLoRA(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, lora, strength: float) -> io.NodeOutput:
-        import comfy.sd
-        import comfy.utils
-
         path = Path(lora_payload(lora)["path"])
         if not path.is_file():
             raise FileNotFoundError(f"{path}: the LoRA file of this run is missing; train again")
-        tensors, metadata = comfy.utils.load_torch_file(str(path), safe_load=True, return_metadata=True)
-        patched, _ = comfy.sd.load_lora_for_models(model, None, tensors, strength, 0.0, lora_metadata=metadata)
-        return io.NodeOutput(patched)
+        return io.NodeOutput(with_lora(model, path, strength))

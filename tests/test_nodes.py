@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ltx2_av_trainer.trainer.backends.comfyui.sampling import DEFAULT_NEGATIVE
 from ltx2_av_trainer.trainer.config import Config, ConfigError, TinyModelConfig
 
 pytestmark = pytest.mark.comfyui
@@ -48,7 +49,8 @@ CONTRACT = {
     "LTX2AV_VerifyLoRAKeys": (["model", "lora", "lora_name"], ["report", "ok"]),
     "LTX2AV_SampleAV": (["model", "clip", "vae", "audio_vae", "prompt", "seed", "steps", "frames", "width", "height",
                          "guidance", "lora", "lora_name", "negative_prompt", "sampler_name", "lora_strength",
-                         "frame_rate"], ["video_lora", "audio_lora", "video_base", "audio_base"]),
+                         "frame_rate", "first_frame", "guide_video", "reference_audio"],
+                        ["video_lora", "audio_lora", "video_base", "audio_base"]),
     # Added after the contract: the speaker similarity of an AUDIO with the dataset voice.
     "LTX2AV_VoiceScore": (["audio", "cache", "reference_file"], ["score", "report"]),
     # LoRA files of any trainer into our layout, and two LoRAs into one (test_comfy_lora_nodes.py).
@@ -272,7 +274,8 @@ def test_schemas_follow_the_contract(comfy_home):
     assert optional == {("LTX2AV_VerifyLoRAKeys", "lora"), ("LTX2AV_VerifyLoRAKeys", "lora_name"),
                         ("LTX2AV_SampleAV", "lora"), ("LTX2AV_SampleAV", "lora_name"),
                         ("LTX2AV_SampleAV", "negative_prompt"), ("LTX2AV_SampleAV", "sampler_name"),
-                        ("LTX2AV_SampleAV", "lora_strength"), ("LTX2AV_SampleAV", "frame_rate"), ("LTX2AV_TrainLoRA", "vae"),
+                        ("LTX2AV_SampleAV", "lora_strength"), ("LTX2AV_SampleAV", "frame_rate"), ("LTX2AV_SampleAV", "first_frame"),
+                        ("LTX2AV_SampleAV", "guide_video"), ("LTX2AV_SampleAV", "reference_audio"), ("LTX2AV_TrainLoRA", "vae"),
                         ("LTX2AV_TrainLoRA", "audio_vae"), ("LTX2AV_TrainLoRA", "clip"), ("LTX2AV_VoiceScore", "cache"),
                         ("LTX2AV_VoiceScore", "reference_file"), ("LTX2AV_ConvertLoRA", "lora_name"),
                         ("LTX2AV_ConvertLoRA", "lora"), ("LTX2AV_ConvertLoRA", "model")} | {
@@ -689,6 +692,74 @@ def test_sample_ab_with_and_without_the_lora(objects, trained):
     with pytest.raises(ValueError, match="frames must be 8n\\+1"):
         SampleAV.execute(objects["model"], objects["clip"], objects["vae"], objects["audio_vae"], "x", 0, 1, 10, SIZE,
                          SIZE, 1.0, lora, "(none)")
+
+
+def core_node_generation(model, clip, vae, audio_vae, lora_path: Path, prompt: str, seed: int, steps: int, cfg: float,
+                         reference: str, value):
+    """What a user's graph of ComfyUI core nodes gives for a LoRA trained in a mode, written out node by node as in
+    ComfyUI's LTX-2 templates (LoraLoaderModelOnly, CLIPTextEncode, LTXVConditioning, the mode's reference node,
+    LTXVEmptyLatentAudio, LTXVConcatAVLatent, LTXVScheduler, CFGGuider, SamplerCustomAdvanced, decoders)."""
+    import nodes
+    from comfy_extras import nodes_custom_sampler as cs
+    from comfy_extras import nodes_lt as lt
+    from comfy_extras.nodes_lt_audio import LTXVAudioVAEDecode, LTXVEmptyLatentAudio
+
+    model = nodes.LoraLoaderModelOnly().load_lora_model_only(model, lora_path.name, 1.0)[0]
+    positive = nodes.CLIPTextEncode().encode(clip, prompt)[0]
+    negative = nodes.CLIPTextEncode().encode(clip, DEFAULT_NEGATIVE)[0]
+    positive, negative = lt.LTXVConditioning.execute(positive, negative, 25.0).args
+    if reference == "first_frame":
+        positive, negative, video = lt.LTXVImgToVideo.execute(positive, negative, value, vae, SIZE, SIZE, FRAMES, 1,
+                                                              1.0).args
+    else:
+        video = lt.EmptyLTXVLatentVideo.execute(SIZE, SIZE, FRAMES, 1).args[0]
+    if reference == "guide_video":
+        parameters = lt.GetICLoRAParameters.execute(model).args[0]
+        positive, negative, video = lt.LTXVAddGuide.execute(positive, negative, vae, video, value, 0, 1.0,
+                                                            iclora_parameters=parameters).args
+    if reference == "reference_audio":
+        model, positive, negative = lt.LTXVReferenceAudio.execute(model, positive, negative, value, audio_vae, 3.0, 0.0,
+                                                                  1.0).args
+    audio = LTXVEmptyLatentAudio.execute(FRAMES, 25.0, 1, audio_vae).args[0]
+    latent = lt.LTXVConcatAVLatent.execute(video, audio).args[0]
+    sigmas = lt.LTXVScheduler.execute(steps, 2.05, 0.95, True, 0.1, latent=latent).args[0]
+    guider = cs.CFGGuider.execute(model, positive, negative, cfg).args[0]
+    out = cs.SamplerCustomAdvanced.execute(cs.RandomNoise.execute(seed).args[0], guider,
+                                           cs.KSamplerSelect.execute("euler_ancestral").args[0], sigmas, latent).args[0]
+    video, audio = lt.LTXVSeparateAVLatent.execute(out).args
+    if reference == "guide_video":
+        video = lt.LTXVCropGuides.execute(positive, negative, video).args[2]
+    return nodes.VAEDecode().decode(vae, video)[0], LTXVAudioVAEDecode.execute(audio, audio_vae).args[0]
+
+
+@pytest.mark.parametrize("reference", ["first_frame", "guide_video", "reference_audio"])
+def test_sample_ab_with_a_training_modes_reference_equals_the_core_node_graph(objects, trained, comfy_home, reference):
+    """Sample A/B with a first frame, an IC-LoRA guide video or an ID-LoRA reference voice gives, on its LoRA side,
+    exactly what the core-node graph of that mode gives; and the reference changes the result."""
+    import shutil
+
+    from ltx2_av_trainer.nodes.check_nodes import SampleAV
+
+    lora = trained["queues"][1]["out"].args[0]
+    shutil.copyfile(lora["path"], comfy_home["loras"] / "modes_ab.safetensors")
+    generator = torch.Generator().manual_seed(3)
+    value = {"first_frame": lambda: torch.rand(1, SIZE, SIZE, 3, generator=generator),
+             "guide_video": lambda: torch.rand(FRAMES, SIZE, SIZE, 3, generator=generator),
+             "reference_audio": lambda: {"waveform": 0.1 * torch.randn(1, 2, 16000, generator=generator),
+                                         "sample_rate": 16000}}[reference]()
+    parts = (objects["model"], objects["clip"], objects["vae"], objects["audio_vae"])
+    with torch.inference_mode():
+        expected_video, expected_audio = core_node_generation(*parts, comfy_home["loras"] / "modes_ab.safetensors",
+                                                              "ohwx, a person speaks", 5, 2, 3.0, reference, value)
+        with_reference = SampleAV.execute(*parts, "ohwx, a person speaks", 5, 2, FRAMES, SIZE, SIZE, 3.0, lora, "(none)",
+                                          **{reference: value}).args
+        without = SampleAV.execute(*parts, "ohwx, a person speaks", 5, 2, FRAMES, SIZE, SIZE, 3.0, lora, "(none)").args
+    video_lora, audio_lora = with_reference[0], with_reference[1]
+    assert video_lora.shape == expected_video.shape == (FRAMES, SIZE, SIZE, 3)
+    assert torch.equal(video_lora, expected_video), reference
+    assert torch.equal(audio_lora["waveform"], expected_audio["waveform"]), reference
+    changed = not torch.equal(video_lora, without[0]) or not torch.equal(audio_lora["waveform"], without[1]["waveform"])
+    assert changed, f"{reference} did not change the generation"
 
 
 def test_save_lora_never_replaces_another_lora_unless_asked(comfy_home, trained):
