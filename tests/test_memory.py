@@ -416,7 +416,7 @@ def test_block_swap_on_cuda_matches_the_unswapped_model():
 
 
 def test_memory_options_reject_what_cannot_work():
-    model = ModelConfig()
+    model = ModelConfig(gradient_checkpointing=False)  # the default is on
     with pytest.raises(ConfigError, match="needs model.gradient_checkpointing"):
         validate_memory(MemoryConfig(blocks_to_swap=1), model)
     with pytest.raises(ConfigError, match="needs model.gradient_checkpointing"):
