@@ -51,7 +51,8 @@ class ConvertLoRA(io.ComfyNode):
                                tooltip="The LoRA file in ComfyUI's loras folder to convert."),
                 LoRAType.Input("lora", optional=True, tooltip="Or a LoRA from LTX2AV Train LoRA / Merge LoRAs."),
                 io.String.Input("filename", default="converted_lora", tooltip="Output file name in the loras folder "
-                                "(a plain name; .safetensors is added)."),
+                                "(a plain name; .safetensors is added; an existing file is never replaced: the "
+                                "copy is numbered _00001, _00002, ... as Save LoRA does)."),
                 io.Combo.Input("lora_format", options=list(LORA_FORMATS), default="lora_ab", tooltip=FORMAT_TOOLTIP),
                 io.Model.Input("model", optional=True, tooltip="Optional: refuse modules this MODEL does not have "
                                "(a LoRA for another model version)."),
@@ -113,7 +114,8 @@ class MergeLoRAs(io.ComfyNode):
                                        "rank (smaller file; the error per module is reported)."),
                 io.Int.Input("rank", default=32, min=1, max=1024, tooltip="Rank of the svd merge (ignored by concat)."),
                 io.String.Input("filename", default="merged_lora", tooltip="Output file name in the loras folder "
-                                "(a plain name; .safetensors is added)."),
+                                "(a plain name; .safetensors is added; an existing file is never replaced: the "
+                                "copy is numbered _00001, _00002, ... as Save LoRA does)."),
                 io.Float.Input("a_other", default=1.0, **weight, advanced=True,
                                tooltip="Weight of A's other modules (text connectors, layers outside the blocks)."),
                 io.Float.Input("b_other", default=1.0, **weight, advanced=True, tooltip="Weight of B's other modules."),

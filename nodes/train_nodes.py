@@ -260,11 +260,12 @@ def same_file_content(a: Path, b: Path) -> bool:
                 return True
 
 
-def lora_target(filename: str, source: Path, overwrite: bool = False) -> Path:
-    """Where Save LoRA writes: ``<first ComfyUI loras folder>/<filename>.safetensors``, or, when that file exists
-    with other content and ``overwrite`` is off, the first free ``<filename>_00001.safetensors``,
-    ``<filename>_00002.safetensors``, ... (a file that already holds this LoRA is reused). The name cannot leave
-    the folder."""
+def lora_target(filename: str, source: Path | None = None, overwrite: bool = False) -> Path:
+    """Where Save LoRA (and Convert / Merge LoRAs) write: ``<first ComfyUI loras folder>/<filename>.safetensors``,
+    or, when that file exists with other content and ``overwrite`` is off, the first free
+    ``<filename>_00001.safetensors``, ``<filename>_00002.safetensors``, ... (a file that already holds the
+    ``source`` LoRA is reused; without a ``source``, as for a LoRA still to be written, every existing file counts
+    as another LoRA). The name cannot leave the folder."""
     import folder_paths
 
     stem = safe_name(filename, "filename")
@@ -273,7 +274,7 @@ def lora_target(filename: str, source: Path, overwrite: bool = False) -> Path:
     folder = Path(folder_paths.get_folder_paths("loras")[0])
     target = folder / f"{stem}.safetensors"
     counter = 0
-    while not overwrite and target.is_file() and not same_file_content(target, source):
+    while not overwrite and target.is_file() and (source is None or not same_file_content(target, source)):
         counter += 1
         target = folder / f"{stem}_{counter:05d}.safetensors"
     return target

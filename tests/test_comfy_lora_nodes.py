@@ -8,6 +8,7 @@ loras folder is redirected to a temporary folder for the module.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -133,3 +134,10 @@ def test_merge_node_takes_the_voice_from_a_and_the_look_from_b(setup, caplog):
     with pytest.raises(Exception, match="relative error"):
         MergeLoRAs.execute("voice.safetensors", "look.safetensors", 1.0, 1.0, 1.0, 1.0, "svd", 1, "too_small", max_error=1e-3)
     assert not (loras / "too_small.safetensors").exists()
+    # A second merge under the same name never replaces the first file: it is numbered, as Save LoRA does.
+    first = (loras / "voice_and_look.safetensors").read_bytes()
+    with torch.inference_mode():
+        again, _ = MergeLoRAs.execute("voice.safetensors", "look.safetensors", 1.0, 0.0, 0.0, 1.0, "svd", 2,
+                                      "voice_and_look").args
+    assert Path(again["path"]) == loras / "voice_and_look_00001.safetensors"
+    assert (loras / "voice_and_look.safetensors").read_bytes() == first
