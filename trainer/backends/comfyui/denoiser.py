@@ -78,6 +78,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ...config import ConfigError
 from ..diffusers_backend import CROSS_MODAL_SIGMA_WIRINGS
+from ..features import BlockFeatures
 from ..fingerprint import module_fingerprint
 from ..interface import (
     AUDIO_LATENT_CHANNELS,
@@ -215,6 +216,7 @@ class ComfyDenoiser:
         self.version = version
         self.checkpointing = checkpointing
         self.cross_modal_sigma = cross_modal_sigma
+        self._block_features: BlockFeatures | None = None  # an open capture (representation regularisers)
 
     # ---- Denoiser protocol ------------------------------------------------------------------
 
@@ -243,6 +245,21 @@ class ComfyDenoiser:
         h.update(_BaseWeightsView(self.diffusion_model, originals).fingerprint().encode())
         self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.diffusion_model.transformer_blocks)
+
+    @property
+    def video_width(self) -> int:
+        """Width of the video hidden states inside the blocks."""
+        return int(self.diffusion_model.inner_dim)
+
+    def block_features(self, indices, video_tokens: int) -> BlockFeatures:
+        """Capture the video hidden states of blocks ``indices`` during the calls made while it is open (hooks on
+        the blocks, cloned: the blocks update the streams in place; see ``backends/features.py``)."""
+        return BlockFeatures(self.diffusion_model.transformer_blocks, indices, video_tokens,
+                             on_open=lambda capture: setattr(self, "_block_features", capture))
 
     def place_on(self, device: torch.device) -> None:
         """The trainer asks the backend to place its weights: ComfyUI's model management decides (partial
@@ -274,9 +291,11 @@ class ComfyDenoiser:
 
         video_slots: list[torch.Tensor | None] = [None] * batch
         audio_slots: list[torch.Tensor | None] = [None] * batch
+        features = self._block_features
         for group in _groups_with_equal_sigma(inputs.sigma_video, inputs.sigma_audio):
             index = torch.tensor(group, device=inputs.video.device)
-            video_out, audio_out = self._forward_group(inputs, index, device, dtype, training)
+            with features.rows(group) if features is not None else contextlib.nullcontext():
+                video_out, audio_out = self._forward_group(inputs, index, device, dtype, training)
             for row, sample in enumerate(group):
                 video_slots[sample] = video_out[row : row + 1]
                 if audio_out is not None:
