@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
+from latent_fixtures import make_samples, tiny_config
 from ltx2_av_trainer.trainer.backends.diffusers_backend import build_denoiser
 from ltx2_av_trainer.trainer.backends.interface import video_token_count
 from ltx2_av_trainer.trainer.config import ConfigError
@@ -22,8 +21,7 @@ from ltx2_av_trainer.trainer.training.representation import (
     token_alignment,
 )
 from ltx2_av_trainer.trainer.training.state import REGULARIZERS_FILE, find_latest_state
-
-from latent_fixtures import make_samples, tiny_config
+from safetensors.torch import load_file
 
 BOTH = {"crepa.enabled": True, "self_flow.enabled": True, "self_flow.temporal_mode": "hybrid"}
 
