@@ -110,11 +110,14 @@ def test_slider_settings_are_checked(tmp_path):
         with pytest.raises(ConfigError, match=message):
             cfg = tiny_config(tmp_path, **{**SLIDER, **overrides})
             SliderTrainer(cfg, build_denoiser(cfg.model), _prompts(cfg), cfg.output.dir)
-    # A resume with other prompts is refused (the prompts' contexts are part of the run's fingerprint).
+    # A resume with another positive / negative prompt is refused (their contexts are part of the run's fingerprint;
+    # the target prompt's is the training item's).
     _slider(tmp_path, "run", 2, until=1)
     cfg = tiny_config(tmp_path, **SLIDER, **{"train.steps": 2, "optimizer.lr": 6e-3, "output.save_every": 100,
                                              "output.dir": str(tmp_path / "run")})
-    other = SliderTrainer(cfg, build_denoiser(cfg.model), _prompts(cfg, seed=1), cfg.output.dir)
+    same, changed = _prompts(cfg), _prompts(cfg, seed=1)
+    prompts = TextContext(*(torch.cat([getattr(same, n)[:1], getattr(changed, n)[1:]]) for n in ("video", "audio", "mask")))
+    other = SliderTrainer(cfg, build_denoiser(cfg.model), prompts, cfg.output.dir)
     with pytest.raises(Exception, match="different|differs|match"):
         other.try_resume()
 
