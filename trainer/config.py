@@ -384,7 +384,6 @@ class ConditioningConfig:
     )
 
 
-
 @dataclass
 class CrepaConfig:
     """Cross-frame representation alignment (CREPA, backbone mode): a small projector maps the video hidden states
@@ -687,7 +686,6 @@ class Config:
         for key in ("dop_multiplier", "blank_multiplier", "prior_divergence_multiplier"):
             _require(getattr(p, key) > 0, f"preservation.{key}", "must be > 0")
 
-
     def _validate_representation(self) -> None:
         c, f = self.crepa, self.self_flow
         for name, section in (("crepa", c), ("self_flow", f)):
@@ -716,6 +714,7 @@ class Config:
         s = self.slider
         _require(s.guidance_strength > 0, "slider.guidance_strength", "must be > 0")
         _require(s.denoise_steps >= 0, "slider.denoise_steps", "must be >= 0")
+
 
 def parse_lr_override(item: str, key: str = "optimizer.lr_overrides") -> tuple[str, float]:
     """'regex=lr' → (regex, lr), with a message naming the key when it is malformed."""
