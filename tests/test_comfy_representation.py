@@ -72,7 +72,7 @@ def test_block_features_on_comfyui_match_the_diffusers_backend_in_batch_order(ch
 
 
 @pytest.mark.comfyui
-@pytest.mark.parametrize("checkpointing", ["block", "none"])
+@pytest.mark.parametrize("checkpointing", ["block", "model", "none"])
 @pytest.mark.parametrize("name", ["crepa", "self_flow"])
 def test_gradients_on_comfyui_reach_the_projector_and_the_student_blocks_lora_only(checkpoint, tmp_path, name, checkpointing):
     from test_representation import _perturbed_trainer, check_term_gradients
