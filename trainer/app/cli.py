@@ -219,12 +219,15 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.set_defaults(func=cmd_cache)
 
+    def run_options(p):
+        p.add_argument("--steps", type=int, help="override train.steps")
+        p.add_argument("--out", help="override output.dir (the run directory)")
+        p.add_argument("--resume", metavar="STATE", help="resume from this state folder (default: the latest in the run directory)")
+        p.add_argument("--no-resume", action="store_true", help="start over even if the run directory holds a state")
+        common(p)
+
     p = sub.add_parser("train", help="train the LoRA from the cache (source media not needed)")
-    p.add_argument("--steps", type=int, help="override train.steps")
-    p.add_argument("--out", help="override output.dir (the run directory)")
-    p.add_argument("--resume", metavar="STATE", help="resume from this state folder (default: the latest in the run directory)")
-    p.add_argument("--no-resume", action="store_true", help="start over even if the run directory holds a state")
-    common(p)
+    run_options(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("slider", help="train a slider LoRA between two prompts on the base model (no dataset; "
@@ -232,11 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--positive", help="override slider.positive (the prompt + strength moves towards)")
     p.add_argument("--negative", help="override slider.negative (the prompt - strength moves towards)")
     p.add_argument("--target-class", dest="target_class", help="override slider.target_class (the prompt it trains on)")
-    p.add_argument("--steps", type=int, help="override train.steps")
-    p.add_argument("--out", help="override output.dir (the run directory)")
-    p.add_argument("--resume", metavar="STATE", help="resume from this state folder (default: the latest in the run directory)")
-    p.add_argument("--no-resume", action="store_true", help="start over even if the run directory holds a state")
-    common(p)
+    run_options(p)
     p.set_defaults(func=cmd_slider)
 
     p = sub.add_parser("verify", help="check which LoRA keys land on the model, per module group (files of other trainers "

@@ -11,7 +11,7 @@ from ..training.loop import TrainCallbacks, TrainResult
 from ..training.slider import SliderTrainer, check_slider_config
 from ..training.stopping import StopRequest, stop_on_signals
 from .console import ConsoleTraining
-from .pipeline import _announce, build_headless_denoiser, build_headless_encoders, write_report_page, write_run_report
+from .pipeline import _announce, build_headless_denoiser, build_headless_encoders, run_and_report
 
 
 def train_slider(config, denoiser, encoders, *, callbacks: TrainCallbacks | None = None, resume: str | None = None,
@@ -24,16 +24,7 @@ def train_slider(config, denoiser, encoders, *, callbacks: TrainCallbacks | None
     s = config.slider
     prompts = encoders.encode_text([s.target_class, s.positive, s.negative])
     trainer = SliderTrainer(config, denoiser, prompts, config.output.dir, callbacks, stop=stop)
-    try:
-        if resume or (not no_resume and config.output.resume == "auto"):
-            trainer.try_resume(resume)
-        result = trainer.run(until_step=until_step)
-    finally:
-        trainer.network.detach()
-    write_run_report(config, result, trainer)
-    if config.validation.report and result.completed:
-        write_report_page(config, result, quiet=quiet)
-    return result
+    return run_and_report(config, trainer, resume=resume, no_resume=no_resume, until_step=until_step, quiet=quiet)
 
 
 def run_slider_command(config, *, resume: str | None = None, no_resume: bool = False, quiet: bool = False) -> dict:
