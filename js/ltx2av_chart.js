@@ -18,7 +18,8 @@ const CHART_HEIGHT = 180;
 const SMOOTHING = 0.9; // EMA factor for the bold line; the raw values are drawn faint underneath
 const HISTORY_LOOKBACK = 64; // finished prompts searched for a run to show after a page reload
 
-// Key in the step dict, legend label, colour, axis ("loss" left, "weight" right) and how it is drawn.
+// Key in the step dict, legend label, colour, axis ("loss" left, "weight" right) and how it is drawn; dotted and
+// optional series are left out of the legend when no step has them.
 const SERIES = [
   { key: "loss_video", label: "video loss", color: "#4ea1ff", axis: "loss" },
   { key: "loss_audio", label: "audio loss", color: "#ff9f43", axis: "loss" },
@@ -26,6 +27,11 @@ const SERIES = [
   { key: "val_loss_audio", label: "val audio", color: "#ff9f43", axis: "loss", dots: true },
   // Missing-audio regulariser (silence / audio DOP): only on steps that drew an audio-free clip.
   { key: "loss_regularizer", label: "regulariser", color: "#b07cf0", axis: "loss", dots: true },
+  // Representation regularisers (crepa / self_flow sections), unweighted, on every step of a run that has them.
+  { key: "loss_crepa", label: "CREPA", color: "#e84393", axis: "loss", optional: true },
+  { key: "loss_self_flow", label: "Self-Flow", color: "#00b894", axis: "loss", optional: true },
+  { key: "loss_self_flow_frame", label: "Self-Flow frame", color: "#55efc4", axis: "loss", optional: true },
+  { key: "loss_self_flow_delta", label: "Self-Flow delta", color: "#81ecec", axis: "loss", optional: true },
   { key: "audio_weight", label: "audio weight", color: "#2ecc71", axis: "weight", dashed: true },
 ];
 
@@ -184,7 +190,7 @@ class LossChart {
     let cursor = plot.left;
     ctx.textBaseline = "middle";
     for (const series of SERIES) {
-      if (series.dots && !this.history.some((entry) => isNumber(entry[series.key]))) continue;
+      if ((series.dots || series.optional) && !this.history.some((entry) => isNumber(entry[series.key]))) continue;
       ctx.fillStyle = series.color;
       ctx.fillRect(cursor, 6, 10, 3);
       ctx.fillStyle = "#bbb";

@@ -25,7 +25,9 @@ ETA_WINDOW = 20  # steps averaged for the ETA
 # missing-audio regulariser on steps that drew an audio-free clip).
 OPTIONAL_EVENT_KEYS = ("val_loss_video", "val_loss_audio", "regularizer", "loss_regularizer",
                        # from the A/B validation samples (validation.sample_every_steps)
-                       "val_voice_score_lora", "val_voice_score_base", "val_audio_loss_fixed_sigma")
+                       "val_voice_score_lora", "val_voice_score_base", "val_audio_loss_fixed_sigma",
+                       # the representation regularisers (crepa, self_flow)
+                       "loss_crepa", "loss_self_flow", "loss_self_flow_frame", "loss_self_flow_delta")
 
 
 def chart_point(node: str, row: dict, total: int, recent_step_times: list[float]) -> dict:

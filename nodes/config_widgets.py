@@ -45,6 +45,8 @@ NOT_IN_TRAINING_CONFIG: dict[str, str] = {
     "train.num_threads": "ComfyUI's process (torch's thread count is the server's, not one run's)",
     "network.connectors": "nothing: it stays off in ComfyUI, whose text connectors run before the MODEL's forward",
     "loss.min_snr_gamma": "nothing: it must stay 0 (Min-SNR weighting does not exist for flow matching)",
+    "slider": "the headless ltx2-av-trainer slider command (a slider trains from two prompts, without the dataset "
+              "and cache these nodes feed)",
     "memory": "ComfyUI's model management: it loads and offloads the MODEL as for sampling; fp8 weights come "
               "from the loader's weight_dtype, the attention kernel from ComfyUI's launch options. The "
               "[memory] options are for the headless command line.",
@@ -196,6 +198,30 @@ TRAINING_CONFIG_WIDGETS: tuple[WidgetDef, ...] = (
     _w("output_lora_format"),
     _w("conditioning_mode"),
     _w("conditioning_first_frame_p", min=0.0, max=1.0, step=0.01),
+    _w("crepa_enabled"),
+    _w("crepa_student_block_idx", min=-1, max=1000),
+    _w("crepa_teacher_block_idx", min=-1, max=1000),
+    _w("crepa_lambda_crepa", min=0.001, max=100.0, step=0.001),
+    _w("crepa_tau", min=0.001, max=100.0, step=0.01),
+    _w("crepa_num_neighbors", min=0, max=64),
+    _w("crepa_schedule"),
+    _w("crepa_warmup_steps", min=0, max=STEPS_LIMIT),
+    _w("crepa_projector_lr", min=0.0, max=10.0, step=1e-6, unset=0.0),
+    _w("self_flow_enabled", key="self_flow.enabled"),
+    _w("self_flow_student_block_idx", key="self_flow.student_block_idx", min=-1, max=1000),
+    _w("self_flow_teacher_block_idx", key="self_flow.teacher_block_idx", min=-1, max=1000),
+    _w("self_flow_lambda_self_flow", key="self_flow.lambda_self_flow", min=0.001, max=100.0, step=0.001),
+    _w("self_flow_dual_timestep", key="self_flow.dual_timestep"),
+    _w("self_flow_mask_ratio", key="self_flow.mask_ratio", min=0.0, max=0.5, step=0.01),
+    _w("self_flow_frame_level_mask", key="self_flow.frame_level_mask"),
+    _w("self_flow_temporal_mode", key="self_flow.temporal_mode"),
+    _w("self_flow_lambda_temporal", key="self_flow.lambda_temporal", min=0.0, max=100.0, step=0.001),
+    _w("self_flow_lambda_delta", key="self_flow.lambda_delta", min=0.0, max=100.0, step=0.001),
+    _w("self_flow_num_neighbors", key="self_flow.num_neighbors", min=0, max=64),
+    _w("self_flow_temporal_tau", key="self_flow.temporal_tau", min=0.001, max=100.0, step=0.01),
+    _w("self_flow_schedule", key="self_flow.schedule"),
+    _w("self_flow_warmup_steps", key="self_flow.warmup_steps", min=0, max=STEPS_LIMIT),
+    _w("self_flow_projector_lr", key="self_flow.projector_lr", min=0.0, max=10.0, step=1e-06, unset=0.0),
     # New options: append here (never above), with a range for numbers.
 )
 

@@ -384,6 +384,62 @@ class ConditioningConfig:
     )
 
 
+@dataclass
+class CrepaConfig:
+    """Cross-frame representation alignment (CREPA, backbone mode): a small projector maps the video hidden states
+    of one transformer block onto those of a deeper block of the same forward, frame by frame and across
+    neighbouring frames (no extra forward; read with hooks). The projector trains with the LoRA, is saved in the
+    run's state and never exported."""
+
+    enabled: bool = opt(False, "Turn CREPA on: + one projector (two Linear layers of the video width, ~34M parameters on LTX-2) and the captured features of two blocks; no extra forward. Video only.")
+    student_block_idx: int = opt(-1, "Block whose video hidden states are aligned (0-based; -1 = a third of the depth: block 16 of LTX-2's 48).")
+    teacher_block_idx: int = opt(-1, "Deeper block whose video hidden states are the target (detached; must be deeper than the student; -1 = two thirds of the depth: block 32 of 48).")
+    lambda_crepa: float = opt(0.1, "Loss weight of the CREPA term (0.05-0.5).")
+    tau: float = opt(1.0, "Neighbour decay: frame f aligns with frame k with weight exp(-|f-k|/tau).")
+    num_neighbors: int = opt(2, "Neighbouring latent frames on each side a frame aligns with (0 = the same frame only).")
+    schedule: Literal["constant", "linear", "cosine"] = opt("constant", "Weight over the run: constant, or a linear / cosine decay to 0 at train.steps.")
+    warmup_steps: int = opt(0, "Steps over which the weight ramps up linearly from 0.")
+    projector_lr: float | None = opt(None, "Learning rate of the projector; unset = optimizer.lr.")
+
+
+@dataclass
+class SelfFlowConfig:
+    """Self-Flow: the LoRA model's hidden states at a student block, through a projector, are aligned with the
+    frozen base model's hidden states at a deeper teacher block (one extra forward without gradient, LoRA off),
+    with dual-timestep noising: a share of the video tokens is noised more for the student than for the teacher.
+    Optional temporal terms align per-frame features with neighbouring frames and frame-to-frame changes."""
+
+    enabled: bool = opt(False, "Turn Self-Flow on: + one forward without gradient per micro-batch (the base model as teacher) and a projector (~34M parameters on LTX-2) saved in the run's state, never exported. Video only.")
+    student_block_idx: int = opt(-1, "Student block (0-based; -1 = floor(0.3 x depth): block 14 of LTX-2's 48).")
+    teacher_block_idx: int = opt(-1, "Teacher block of the base model, deeper than the student (-1 = ceil(0.7 x depth): block 34 of 48).")
+    lambda_self_flow: float = opt(0.1, "Loss weight of the token-level alignment term.")
+    dual_timestep: bool = opt(True, "Dual-timestep noising: a second σ is drawn; the masked tokens get the higher of the two σ in the training forward, every other token (and every teacher token) the lower one. Off: student and teacher see the same input.")
+    mask_ratio: float = opt(0.1, "Share of video tokens (or latent frames) that get the higher σ (0-0.5).")
+    frame_level_mask: bool = opt(False, "Mask whole latent frames instead of single tokens.")
+    temporal_mode: Literal["off", "frame", "delta", "hybrid"] = opt("off", "Temporal terms on per-frame (mean-pooled) features: frame aligns each frame with the teacher's neighbouring frames, delta aligns frame-to-frame changes, hybrid both.")
+    lambda_temporal: float = opt(0.1, "Loss weight of the frame-neighbour term (temporal_mode frame / hybrid).")
+    lambda_delta: float = opt(0.05, "Loss weight of the frame-delta term (temporal_mode delta / hybrid).")
+    num_neighbors: int = opt(2, "Neighbouring latent frames on each side for the frame term.")
+    temporal_tau: float = opt(1.0, "Neighbour decay of the frame term: weight exp(-|f-k|/temporal_tau).")
+    schedule: Literal["constant", "linear", "cosine"] = opt("constant", "All Self-Flow weights over the run: constant, or a linear / cosine decay to 0 at train.steps.")
+    warmup_steps: int = opt(0, "Steps over which the weights ramp up linearly from 0.")
+    projector_lr: float | None = opt(None, "Learning rate of the projector; unset = optimizer.lr.")
+
+
+@dataclass
+class SliderConfig:
+    """Slider LoRA (``ltx2-av-trainer slider``): a direction between two prompts, learned from the base model alone
+    (no dataset). With the LoRA at +1 the prediction for target_class moves by guidance_strength x (positive -
+    negative), at -1 by the opposite; any strength in between (or beyond) works at inference. The synthetic latents
+    have the size of dataset.frames / width / height (and audio when dataset.with_audio)."""
+
+    positive: str = opt("", "The prompt the slider moves towards at positive strength (e.g. 'a person shouting loudly').")
+    negative: str = opt("", "The prompt the slider moves towards at negative strength (e.g. 'a person whispering softly').")
+    target_class: str = opt("", "The prompt the slider is trained on (empty = the empty prompt: the slider acts whatever the prompt).")
+    guidance_strength: float = opt(1.0, "Size of the learned step along (positive - negative) at strength 1 (2-3: stronger, less stable).")
+    denoise_steps: int = opt(2, "Euler steps of the base model (target_class prompt) from pure noise to each step's σ, so the slider trains on latents the model meets when sampling (0 = pure noise at σ = 1 only).")
+
+
 def validate_memory(memory: MemoryConfig, model: ModelConfig) -> None:
     """Cross-field rules of ``[memory]`` (raises ``ConfigError`` naming the key and the fix); also checked by
     the diffusers backend, which is given the model and memory sections alone."""
@@ -425,6 +481,9 @@ class Config:
     output: OutputConfig = field(default_factory=OutputConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
+    crepa: CrepaConfig = field(default_factory=CrepaConfig)
+    self_flow: SelfFlowConfig = field(default_factory=SelfFlowConfig)
+    slider: SliderConfig = field(default_factory=SliderConfig)
 
     # ---- construction -----------------------------------------------------------------------
 
@@ -502,6 +561,7 @@ class Config:
         self._validate_conditioning()
         self._validate_audio()
         self._validate_preservation()
+        self._validate_representation()
         validate_memory(self.memory, self.model)
         v = self.validation
         _require(v.every_steps >= 0, "validation.every_steps", "must be >= 0 (0 = never)")
@@ -625,6 +685,35 @@ class Config:
                      f"contains the trigger word {trigger!r}; the class prompt must describe the class without it")
         for key in ("dop_multiplier", "blank_multiplier", "prior_divergence_multiplier"):
             _require(getattr(p, key) > 0, f"preservation.{key}", "must be > 0")
+
+    def _validate_representation(self) -> None:
+        c, f = self.crepa, self.self_flow
+        for name, section in (("crepa", c), ("self_flow", f)):
+            if not section.enabled:
+                continue
+            _require(self.conditioning.mode != "audio", f"{name}.enabled",
+                     "aligns video hidden states; the audio-only mode has no video (turn it off)")
+            for key in ("student_block_idx", "teacher_block_idx"):
+                _require(getattr(section, key) >= -1, f"{name}.{key}", "must be a block index >= 0, or -1 (automatic)")
+            student, teacher = section.student_block_idx, section.teacher_block_idx
+            _require(student < 0 or teacher < 0 or teacher > student, f"{name}.teacher_block_idx",
+                     f"{teacher} must be deeper than student_block_idx {student}")
+            _require(section.warmup_steps >= 0, f"{name}.warmup_steps", "must be >= 0")
+            _require(section.projector_lr is None or section.projector_lr > 0, f"{name}.projector_lr", "must be > 0 (or unset to use optimizer.lr)")
+            _require(section.projector_lr is None or self.optimizer.name != "prodigy", f"{name}.projector_lr",
+                     "\"prodigy\" supports no per-module learning rates; unset it")
+        _require(c.lambda_crepa > 0, "crepa.lambda_crepa", "must be > 0")
+        _require(c.tau > 0, "crepa.tau", "must be > 0")
+        _require(c.num_neighbors >= 0, "crepa.num_neighbors", "must be >= 0")
+        _require(f.lambda_self_flow > 0, "self_flow.lambda_self_flow", "must be > 0")
+        _require(0.0 <= f.mask_ratio <= 0.5, "self_flow.mask_ratio", "must be in [0, 0.5]")
+        for key in ("lambda_temporal", "lambda_delta"):
+            _require(getattr(f, key) >= 0, f"self_flow.{key}", "must be >= 0")
+        _require(f.temporal_tau > 0, "self_flow.temporal_tau", "must be > 0")
+        _require(f.num_neighbors >= 0, "self_flow.num_neighbors", "must be >= 0")
+        s = self.slider
+        _require(s.guidance_strength > 0, "slider.guidance_strength", "must be > 0")
+        _require(s.denoise_steps >= 0, "slider.denoise_steps", "must be >= 0")
 
 
 def parse_lr_override(item: str, key: str = "optimizer.lr_overrides") -> tuple[str, float]:

@@ -1,6 +1,6 @@
 """``ltx2-av-trainer``: the headless command line on the same core as the ComfyUI nodes.
 
-Subcommands: demo, doctor, cache, train, verify, convert, merge, sample, score, report, bench. Every one takes ``--help``; those that write
+Subcommands: demo, doctor, cache, train, slider, verify, convert, merge, sample, score, report, bench. Every one takes ``--help``; those that write
 a report take ``--json PATH``. Errors exit non-zero with one line saying what is wrong and what to do.
 """
 
@@ -22,7 +22,7 @@ def _load_config(args) -> Config:
     overrides = {}
     if getattr(args, "steps", None):
         overrides["train.steps"] = args.steps
-    if args.command == "train" and args.out:
+    if args.command in ("train", "slider") and args.out:
         overrides["output.dir"] = str(args.out)
     if getattr(args, "quiet", False):
         overrides["logging.quiet"] = True
@@ -94,6 +94,26 @@ def cmd_train(args) -> int:
         saved = f"resumable state saved in {state}" if state else "nothing trained yet, nothing saved"
         print(f"stopped by {report['stopped_by']} after step {report['steps']}: {saved}; run the same command again "
               "to continue", file=sys.stderr)
+        return exit_code_for(report["stopped_by"])
+    return 0
+
+
+def cmd_slider(args) -> int:
+    from .slider_command import run_slider_command
+
+    if args.resume and args.no_resume:
+        raise UserError("--resume and --no-resume contradict each other: give one of them")
+    config = _load_config(args)
+    overrides = {f"slider.{key}": value for key in ("positive", "negative", "target_class")
+                 if (value := getattr(args, key)) is not None}
+    config = config.replace(**overrides) if overrides else config
+    report = run_slider_command(config, resume=args.resume, no_resume=args.no_resume, quiet=args.quiet)
+    _write_json(args.json, report)
+    if report.get("stopped_by"):
+        from ..training.stopping import exit_code_for
+
+        print(f"stopped by {report['stopped_by']} after step {report['steps']}: run the same command again to continue",
+              file=sys.stderr)
         return exit_code_for(report["stopped_by"])
     return 0
 
@@ -202,13 +222,24 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.set_defaults(func=cmd_cache)
 
+    def run_options(p):
+        p.add_argument("--steps", type=int, help="override train.steps")
+        p.add_argument("--out", help="override output.dir (the run directory)")
+        p.add_argument("--resume", metavar="STATE", help="resume from this state folder (default: the latest in the run directory)")
+        p.add_argument("--no-resume", action="store_true", help="start over even if the run directory holds a state")
+        common(p)
+
     p = sub.add_parser("train", help="train the LoRA from the cache (source media not needed)")
-    p.add_argument("--steps", type=int, help="override train.steps")
-    p.add_argument("--out", help="override output.dir (the run directory)")
-    p.add_argument("--resume", metavar="STATE", help="resume from this state folder (default: the latest in the run directory)")
-    p.add_argument("--no-resume", action="store_true", help="start over even if the run directory holds a state")
-    common(p)
+    run_options(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("slider", help="train a slider LoRA between two prompts on the base model (no dataset; "
+                                      "use it at + and - strength)")
+    p.add_argument("--positive", help="override slider.positive (the prompt + strength moves towards)")
+    p.add_argument("--negative", help="override slider.negative (the prompt - strength moves towards)")
+    p.add_argument("--target-class", dest="target_class", help="override slider.target_class (the prompt it trains on)")
+    run_options(p)
+    p.set_defaults(func=cmd_slider)
 
     p = sub.add_parser("verify", help="check which LoRA keys land on the model, per module group (files of other trainers "
                                       "too: what would load after convert)")

@@ -151,6 +151,12 @@ def train_from_cache(config: Config, denoiser, *, encoders=None, callbacks: Trai
     extras = trainer_inputs(config, encoders, quiet=quiet)
     sampler = validation_sampler(config, encoders, quiet=quiet)
     trainer = Trainer(config, denoiser, samples, config.output.dir, CallbackList(callbacks, sampler), stop=stop, **extras)
+    return run_and_report(config, trainer, resume=resume, no_resume=no_resume, until_step=until_step, quiet=quiet)
+
+
+def run_and_report(config: Config, trainer: Trainer, *, resume: str | None, no_resume: bool, until_step: int | None,
+                   quiet: bool) -> TrainResult:
+    """Resume (as asked), train, detach the adapter, write report.json and the report page."""
     try:
         if resume or (not no_resume and config.output.resume == "auto"):
             trainer.try_resume(resume)

@@ -25,6 +25,7 @@ from torch import nn
 from ..config import ConfigError, MemoryConfig, ModelConfig, TinyModelConfig, validate_memory
 from ..memory.attention import text_mask_for
 from ..memory.setup import MemoryPlan, apply_memory_options
+from .features import BlockFeatures
 from .fingerprint import module_fingerprint
 from .interface import DenoiserInput
 from .layouts import guide_downscale, guide_positions, reference_audio_positions
@@ -149,6 +150,22 @@ class DiffusersDenoiser:
 
     def enable_gradient_checkpointing(self) -> None:
         self.transformer.enable_gradient_checkpointing()
+
+    # ---- hidden states (representation regularisers) ----------------------------------------
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.transformer.transformer_blocks)
+
+    @property
+    def video_width(self) -> int:
+        """Width of the video hidden states inside the blocks."""
+        cfg = self.transformer.config
+        return int(cfg.num_attention_heads * cfg.attention_head_dim)
+
+    def block_features(self, indices, video_tokens: int) -> BlockFeatures:
+        """Capture the video hidden states of blocks ``indices`` during the calls made while it is open."""
+        return BlockFeatures(self.transformer.transformer_blocks, indices, video_tokens)
 
     def place_on(self, device: torch.device | str) -> None:
         """The trainer's placement call: the model to ``device`` (with ``[memory]``: attention kernel, swapped

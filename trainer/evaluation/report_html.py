@@ -74,6 +74,7 @@ def write_training_report(run_dir: str | Path, *, doctor_json: str | Path | None
     sections = [
         summary_section(run_dir, run_report, metrics),
         loss_section(metrics, plot),
+        *([] if (terms := regulariser_section(metrics, plot)) is None else [terms]),
         audio_weight_section(metrics, plot),
         sigma_section(metrics, plot),
         validation_loss_section(validation, metrics, plot),
@@ -135,6 +136,27 @@ def loss_section(metrics: list[dict], plot: "_Plotter") -> Section:
                    [[name, _fmt(v[1][0]), _fmt(v[1][-1]), _fmt(_mean(_head(v[1]))), _fmt(_mean(_tail(v[1])))]
                     for name, v in series.items() if v[0]])
     return Section("losses", title, body)
+
+
+# Unweighted regulariser and objective terms of metrics.jsonl (null on steps without them), in this order.
+REGULARISER_TERMS = (
+    ("CREPA", "loss_crepa"), ("Self-Flow", "loss_self_flow"), ("Self-Flow frame", "loss_self_flow_frame"),
+    ("Self-Flow delta", "loss_self_flow_delta"), ("slider +1", "loss_slider_positive"), ("slider -1", "loss_slider_negative"),
+)
+
+
+def regulariser_section(metrics: list[dict], plot: "_Plotter") -> Section | None:
+    """The CREPA / Self-Flow / slider terms, when the run had any (no section otherwise)."""
+    series = {name: _series(metrics, key) for name, key in REGULARISER_TERMS}
+    series = {name: v for name, v in series.items() if v[0]}
+    if not series:
+        return None
+    body = plot.lines(series, ylabel="term (unweighted)", smooth=True,
+                      title="regulariser and slider terms (faint: per step, solid: moving average)")
+    body += _table(["", "first step", "last step", "first 10 % mean", "last 10 % mean"],
+                   [[name, _fmt(v[1][0]), _fmt(v[1][-1]), _fmt(_mean(_head(v[1]))), _fmt(_mean(_tail(v[1])))]
+                    for name, v in series.items()])
+    return Section("regularisers", "Regulariser terms", body)
 
 
 def audio_weight_section(metrics: list[dict], plot: "_Plotter") -> Section:

@@ -75,9 +75,14 @@ def condition_inputs(batch: Batch, mode: str, clean_video: torch.Tensor, noisy_v
         noisy_video = noisy_video.clone()
         noisy_video[first_frame, :, 0] = clean_video[first_frame, :, 0].to(noisy_video.dtype)
         batch_size, _, frames, height, width = noisy_video.shape
-        frame_sigma = sigma_video.reshape(batch_size, 1).expand(batch_size, frames).clone()
-        frame_sigma[first_frame, 0] = 0.0
-        sigma_video = frame_sigma.repeat_interleave(height * width, dim=1)
+        if sigma_video.ndim == 1:
+            frame_sigma = sigma_video.reshape(batch_size, 1).expand(batch_size, frames).clone()
+            frame_sigma[first_frame, 0] = 0.0
+            sigma_video = frame_sigma.repeat_interleave(height * width, dim=1)
+        else:  # already per token (Self-Flow's dual-timestep noising)
+            token_sigma = sigma_video.reshape(batch_size, frames, height * width).clone()
+            token_sigma[first_frame, 0] = 0.0
+            sigma_video = token_sigma.reshape(batch_size, -1)
         video_mask = torch.ones(batch_size, 1, frames, 1, 1, device=noisy_video.device)
         video_mask[first_frame, :, 0] = 0.0
     guide = reference = None

@@ -38,6 +38,7 @@ from .losses import AudioLossBalancer, audio_padding_mask, elementwise_loss, mas
 from .monitor import AudioSupervisionMonitor
 from .optim import build_optimizer, build_scheduler, enter_training, evaluation_weights, optimizer_warnings
 from .preservation import Preservation, SilenceLatents, SilenceSource, audio_dop_loss, require_silence
+from .representation import DualTimestep, RepresentationAlignment
 from .state import find_latest_state, load_state, save_state
 from .stopping import StopRequest
 from .timesteps import AUDIO_OFFSET_DIMS, VIDEO_OFFSET_DIMS, add_noise, offset_noise, sample_modality_sigmas, velocity_target
@@ -64,11 +65,13 @@ class StepLosses:
 
 
 def training_step(batch: Batch, denoiser, config: Config, generator: torch.Generator, device: torch.device, autocast_dtype,
-                  *, silence: SilenceLatents | None = None, connectors: ConnectorStack | None = None) -> StepLosses:
+                  *, silence: SilenceLatents | None = None, connectors: ConnectorStack | None = None,
+                  dual_timestep: DualTimestep | None = None) -> StepLosses:
     """Flow matching on both modalities with their own σ: x_σ = (1-σ)x0 + σε, target ε - x0.
 
     ``silence``: an audio-free batch gets the encoded silence as its audio target. ``connectors``: the text
-    context is computed from the batch's pre-connector features (connector training). The training mode
+    context is computed from the batch's pre-connector features (connector training). ``dual_timestep``:
+    Self-Flow's per-token video σ (``representation.py``). The training mode
     (``conditioning``: first frame, IC-LoRA guide, ID-LoRA reference, audio-only stand-in) decides what else the
     model sees and which tokens count in the loss."""
     loss_cfg = config.loss
@@ -85,7 +88,11 @@ def training_step(batch: Batch, denoiser, config: Config, generator: torch.Gener
         None if audio is None else audio_token_count(audio), generator,
     )
     noise_video = offset_noise(tuple(video.shape), loss_cfg.noise_offset, VIDEO_OFFSET_DIMS, generator).to(device)
-    noisy_video = add_noise(video, noise_video, sigma_video.to(device))
+    video_sigma_in = sigma_video.to(device)
+    if dual_timestep is not None:
+        noisy_video, video_sigma_in = dual_timestep.noise(video, noise_video, video_sigma_in, generator)
+    else:
+        noisy_video = add_noise(video, noise_video, video_sigma_in)
     noisy_audio = noise_audio = None
     if audio is not None:
         noise_audio = offset_noise(tuple(audio.shape), loss_cfg.audio_noise_offset, AUDIO_OFFSET_DIMS, generator).to(device)
@@ -98,7 +105,7 @@ def training_step(batch: Batch, denoiser, config: Config, generator: torch.Gener
         text = drop_captions(text, loss_cfg.caption_dropout, loss_cfg.caption_dropout_video, loss_cfg.caption_dropout_audio, generator)
     first_frame = draw_first_frame(config.conditioning.first_frame_p, batch.size, video.shape[2], generator)
     conditioned = condition_inputs(
-        batch, config.conditioning.mode, video, noisy_video.to(dtype), sigma_video.to(device),
+        batch, config.conditioning.mode, video, noisy_video.to(dtype), video_sigma_in,
         None if noisy_audio is None else noisy_audio.to(dtype), None if sigma_audio is None else sigma_audio.to(device),
         text, first_frame,
     )
@@ -280,7 +287,10 @@ class Trainer:
         self.network: LoRANetwork = build_lora(denoiser, config.network, with_audio=self.with_audio, connectors=self.connectors,
                                                audio_only=trains_audio_only(config.conditioning.mode, samples))
         self.network.to(self.device)
-        self.optimizer = build_optimizer(self.network, config.optimizer, config.schedule, self.device)
+        # CREPA / Self-Flow (inert when both are off): their projectors train in the same optimizer.
+        self.representation = RepresentationAlignment(config, denoiser, self.device)
+        self.optimizer = build_optimizer(self.network, config.optimizer, config.schedule, self.device,
+                                         self.representation.parameter_groups(config.optimizer))
         for message in optimizer_warnings(config.optimizer):
             self._warn(message)
         enter_training(self.optimizer)
@@ -342,6 +352,7 @@ class Trainer:
         if missing:
             raise TrainingError(f"{folder}: adapter tensors do not match this network ({sorted(missing)[:3]} ...)")
         self.network.load_state_dict(saved.adapter)
+        self.representation.load_state_dict(saved.regularizers, str(folder))
         self.optimizer.load_state_dict(saved.optimizer)
         self.scheduler.load_state_dict(saved.extra["scheduler"])
         self.balancer.load_state_dict(saved.extra["balancer"])
@@ -387,6 +398,7 @@ class Trainer:
             "sampling": [c.audio.batch_probability, c.audio.min_batches_per_accum, c.train.gradient_accumulation],
             # Only when a training mode is on, so the states of plain runs keep resuming.
             **({"conditioning": c.conditioning.__dict__} if c.conditioning != type(c.conditioning)() else {}),
+            **{name: getattr(c, name).__dict__ for name in ("crepa", "self_flow") if getattr(c, name).enabled},
         }
 
     def _samples_digest(self) -> str:
@@ -435,7 +447,7 @@ class Trainer:
         # optimizer's average), so the state is written first. A kill between the two leaves a state without
         # its LoRA, which try_resume writes from the state.
         state_path = save_state(self.run_dir, self.step, self.network.state_dict(), self.optimizer, step_state["rng"],
-                                extra, keep=cfg.output.keep_states)
+                                extra, keep=cfg.output.keep_states, regularizers=self.representation.state_dict())
         lora_path = self._lora_path(self.step)
         self._export_lora(lora_path)
         self.last_lora, self.last_state = lora_path, state_path
@@ -447,7 +459,7 @@ class Trainer:
 
     def _export_lora(self, path: Path) -> None:
         cfg = self.config
-        with evaluation_weights(self.optimizer, list(self.network.parameters())):
+        with evaluation_weights(self.optimizer, self._trained_parameters()):
             save_network(self.network, path, config_json=cfg.to_json(), base_fingerprint=self.denoiser.fingerprint(),
                          step=self.step, version=cfg.model.version, dtype=cfg.output.save_dtype,
                          lora_format=cfg.output.lora_format, extra_metadata=lora_metadata(cfg))
@@ -457,7 +469,7 @@ class Trainer:
         text_for_batch = None
         if self.connectors is not None:
             text_for_batch = lambda batch: self.connectors(batch.text_features.to(self.device, torch.float32))  # noqa: E731
-        with evaluation_weights(self.optimizer, list(self.network.parameters())):
+        with evaluation_weights(self.optimizer, self._trained_parameters()):
             result = validation_losses(self.validation_samples, self.denoiser, self.network, self.config, self.device,
                                        self.autocast_dtype, text_for_batch)
         return {"val_loss_video": result.loss_video, "val_loss_audio": result.loss_audio}
@@ -580,8 +592,10 @@ class Trainer:
         tally.ids.extend(batch.ids)
         if self.monitor is not None:
             self._check_supervision(batch_samples, supervised=batch.audio is not None)
-        losses = training_step(batch, self.denoiser, cfg, self.generator, self.device, self.autocast_dtype,
-                               silence=self.silence if missing_audio == "silence" else None, connectors=self.connectors)
+        with self.representation.capture(self.denoiser, video_token_count(batch.video)) as features:
+            losses = training_step(batch, self.denoiser, cfg, self.generator, self.device, self.autocast_dtype,
+                                   silence=self.silence if missing_audio == "silence" else None, connectors=self.connectors,
+                                   dual_timestep=self.representation.dual_timestep)
         # No video loss in the audio-only mode: the balancer then keeps audio_weight.
         video_value = None if losses.loss_video is None else losses.loss_video.detach().item()
         audio_value = None if losses.loss_audio is None else losses.loss_audio.detach().item()
@@ -605,6 +619,8 @@ class Trainer:
             distance = self.preservation.prior_divergence(losses.inputs, losses.pred_video, losses.pred_audio,
                                                           self.denoiser, self.network, self.device, self.autocast_dtype)
             terms.append(("prior_divergence", distance, -self.preservation.weight("prior_divergence")))
+        terms += self.representation.terms(features, losses.inputs, self.denoiser, self.network, self.step, self.device,
+                                           self.autocast_dtype)
         for _, value, term_weight in terms:
             total = total + term_weight * value
         if not self._record_extras(terms, tally.extras, tally.ids):
@@ -638,7 +654,7 @@ class Trainer:
     def _apply_gradients(self, tally: "_StepTally") -> torch.Tensor | None:
         """Clip, step the optimizer and the schedule; the gradient norm, or None when it is not finite (the
         step is skipped)."""
-        params = [p for p in self.network.parameters() if p.grad is not None]
+        params = [p for p in self._trained_parameters() if p.grad is not None]
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         max_norm = self.config.train.max_grad_norm
@@ -692,6 +708,7 @@ class Trainer:
             "loss_dop": _mean(extras.get("dop")),
             "loss_blank": _mean(extras.get("blank")),
             "loss_prior_divergence": _mean(extras.get("prior_divergence")),
+            **{f"loss_{name}": _mean(extras.get(name)) for name in self.representation.term_names},
             "val_loss_video": None,
             "val_loss_audio": None,
             "step_time_s": step_time,
@@ -699,6 +716,10 @@ class Trainer:
             "peak_mem_bytes": _peak_memory_bytes(self.device),
             "items": tally.ids,
         }
+
+    def _trained_parameters(self) -> list[torch.Tensor]:
+        """Everything the optimizer trains: the adapter and the regularisers' projectors."""
+        return list(self.network.parameters()) + self.representation.parameters()
 
     def _backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()

@@ -55,8 +55,11 @@ def parameter_groups(network, cfg: OptimizerConfig) -> list[dict]:
     return list(groups.values())
 
 
-def build_optimizer(network, cfg: OptimizerConfig, schedule: ScheduleConfig, device: torch.device) -> torch.optim.Optimizer:
-    groups = parameter_groups(network, cfg)
+def build_optimizer(network, cfg: OptimizerConfig, schedule: ScheduleConfig, device: torch.device,
+                    extra_groups: list[dict] = ()) -> torch.optim.Optimizer:
+    """``extra_groups``: parameters trained alongside the adapter (the representation regularisers' projectors),
+    after the adapter's groups so that the optimizer state of runs without them keeps its layout."""
+    groups = parameter_groups(network, cfg) + list(extra_groups)
     betas = tuple(cfg.betas)
     if cfg.name == "adamw":
         # The fused kernel (one pass per tensor instead of about ten small ops) on CPU and CUDA; it is

@@ -1,7 +1,8 @@
 """Resumable training state: everything needed to continue bit for bit, in safetensors and JSON.
 
 Layout under ``<run>/state/``: one folder per saved step (``step_00000120/``) holding
-``adapter.safetensors``, ``optimizer.safetensors``, ``rng.safetensors`` and ``state.json``, and
+``adapter.safetensors``, ``optimizer.safetensors``, ``rng.safetensors`` and ``state.json`` (plus
+``regularizers.safetensors`` when a regulariser trains modules of its own, e.g. CREPA's projector), and
 ``latest.json`` naming the newest complete folder. A folder is written under a temporary name and
 renamed when complete, and ``latest.json`` is replaced atomically afterwards, so a run killed at any
 moment leaves either the previous state or the new one, never a partial one that looks valid.
@@ -13,7 +14,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ from ..io_utils import TMP_PREFIX, atomic_write_json
 
 STATE_VERSION = 1
 _FILES = ("adapter.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
+REGULARIZERS_FILE = "regularizers.safetensors"  # optional: trained regulariser modules, never exported
 
 
 @dataclass
@@ -33,6 +35,7 @@ class SavedState:
     optimizer: dict
     rng: dict[str, torch.Tensor]
     extra: dict  # scheduler, balancer, sampler, counters, config fingerprint
+    regularizers: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. CREPA's projector
 
 
 def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -66,6 +69,7 @@ def save_state(
     rng: dict[str, torch.Tensor],
     extra: dict,
     keep: int = 2,
+    regularizers: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     state_root = Path(run_dir) / "state"
     state_root.mkdir(parents=True, exist_ok=True)
@@ -76,9 +80,13 @@ def save_state(
         save_file({k: v.detach().cpu().contiguous() for k, v in adapter.items()}, str(tmp / "adapter.safetensors"))
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         save_file({k: v.contiguous() for k, v in rng.items()}, str(tmp / "rng.safetensors"))
+        written = list(_FILES)
+        if regularizers:
+            save_file({k: v.detach().cpu().contiguous() for k, v in regularizers.items()}, str(tmp / REGULARIZERS_FILE))
+            written.append(REGULARIZERS_FILE)
         payload = {"version": STATE_VERSION, "step": step, "optimizer": opt_structure, "extra": extra}
         (tmp / "state.json").write_text(json.dumps(payload, sort_keys=True), encoding="utf-8")
-        for name in _FILES:
+        for name in written:
             with open(tmp / name, "rb") as fh:
                 os.fsync(fh.fileno())
         if final.exists():
@@ -134,4 +142,5 @@ def load_state(folder: str | Path) -> SavedState:
         optimizer=optimizer_from_tensors(load_file(str(folder / "optimizer.safetensors")), payload["optimizer"]),
         rng=load_file(str(folder / "rng.safetensors")),
         extra=payload["extra"],
+        regularizers=load_file(str(folder / REGULARIZERS_FILE)) if (folder / REGULARIZERS_FILE).is_file() else {},
     )

@@ -79,7 +79,13 @@ def sample_modality_sigmas(
 
 
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Flow matching: x_σ = (1 - σ)·x0 + σ·ε, σ per sample broadcast over the remaining dims."""
+    """Flow matching: x_σ = (1 - σ)·x0 + σ·ε, σ per sample broadcast over the remaining dims, or (video latents
+    ``[B, C, F', H', W']``) per token ``[B, F'·H'·W']`` broadcast over the channels."""
+    if sigma.ndim == 2:
+        if x0.ndim != 5:
+            raise ValueError(f"per-token σ {tuple(sigma.shape)} needs video latents [B, C, F', H', W'], got {tuple(x0.shape)}")
+        s = sigma.reshape(x0.shape[0], 1, *x0.shape[2:]).to(x0.dtype)
+        return (1 - s) * x0 + s * noise
     s = sigma.reshape(sigma.shape[0], *([1] * (x0.ndim - 1))).to(x0.dtype)
     return (1 - s) * x0 + s * noise
 

@@ -83,6 +83,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ...config import ConfigError
 from ..diffusers_backend import CROSS_MODAL_SIGMA_WIRINGS
+from ..features import BlockFeatures
 from ..fingerprint import loaded_file_sizes, remembered, weights_identity
 from ..interface import (
     AUDIO_LATENT_CHANNELS,
@@ -220,6 +221,7 @@ class ComfyDenoiser:
         self.version = version
         self.checkpointing = checkpointing
         self.cross_modal_sigma = cross_modal_sigma
+        self._block_features: BlockFeatures | None = None  # an open capture (representation regularisers)
 
     # ---- Denoiser protocol ------------------------------------------------------------------
 
@@ -252,6 +254,21 @@ class ComfyDenoiser:
 
         return remembered(self.diffusion_model, "base weights", compute)
 
+    @property
+    def num_blocks(self) -> int:
+        return len(self.diffusion_model.transformer_blocks)
+
+    @property
+    def video_width(self) -> int:
+        """Width of the video hidden states inside the blocks."""
+        return int(self.diffusion_model.inner_dim)
+
+    def block_features(self, indices, video_tokens: int) -> BlockFeatures:
+        """Capture the video hidden states of blocks ``indices`` during the calls made while it is open (hooks on
+        the blocks, cloned: the blocks update the streams in place; see ``backends/features.py``)."""
+        return BlockFeatures(self.diffusion_model.transformer_blocks, indices, video_tokens,
+                             on_open=lambda capture: setattr(self, "_block_features", capture))
+
     def place_on(self, device: torch.device) -> None:
         """The trainer asks the backend to place its weights: ComfyUI's model management decides (partial
         loading and offloading for a MODEL that does not fit), so nothing is moved here."""
@@ -282,7 +299,9 @@ class ComfyDenoiser:
 
         order = _batch_order(inputs.sigma_video, inputs.video.shape)
         index = torch.tensor(order, device=inputs.video.device)
-        video, audio = self._forward_batch(inputs, index, device, dtype, training)
+        features = self._block_features
+        with features.rows(order) if features is not None else contextlib.nullcontext():
+            video, audio = self._forward_batch(inputs, index, device, dtype, training)
         if order != sorted(order):
             restore = torch.argsort(index).to(video.device)
             video = video.index_select(0, restore)
