@@ -20,7 +20,7 @@ from latent_fixtures import make_samples, tiny_config
 from ltx2_av_trainer.trainer.backends.diffusers_backend import build_denoiser
 from ltx2_av_trainer.trainer.training.distributed import World, join_from_environment
 from ltx2_av_trainer.trainer.training.loop import Trainer
-from ltx2_av_trainer.trainer.training.state import find_latest_state
+from ltx2_av_trainer.trainer.training.state import find_latest_state, load_state
 from safetensors.torch import load_file
 
 STEPS = 20
@@ -51,13 +51,15 @@ def _samples(cfg):
     return speaking + silent
 
 
-def _train(cfg, world: World | None = None) -> Trainer:
+def _train(cfg, world: World | None = None, until: int | None = None, resume: bool = False) -> Trainer:
     trainer = Trainer(cfg, build_denoiser(cfg.model), _samples(cfg), cfg.output.dir, world=world)
-    trainer.run()
+    if resume:
+        trainer.try_resume()
+    trainer.run(until_step=until)
     return trainer
 
 
-def _rank(rank: int, size: int, port: int, run_dir: str, batch_size: int, broken: str | None) -> None:
+def _rank(rank: int, size: int, port: int, run_dir: str, batch_size: int, broken: str | None, resume: bool) -> None:
     """One rank, as torchrun starts it (the environment names the group)."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(size), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
@@ -68,13 +70,13 @@ def _rank(rank: int, size: int, port: int, run_dir: str, batch_size: int, broken
     if broken == "per-rank balancing":  # the balancer and the tallies see this rank's losses only
         World.sum_values = lambda self, values: dict(values)
     try:
-        _train(_config(Path(run_dir), batch_size), world)
+        _train(_config(Path(run_dir), batch_size), world, resume=resume)
     finally:
         world.close()
 
 
-def _run_ranks(run_dir: Path, size: int, batch_size: int, broken: str | None = None) -> None:
-    mp.start_processes(_rank, args=(size, _free_port(), str(run_dir), batch_size, broken), nprocs=size,
+def _run_ranks(run_dir: Path, size: int, batch_size: int, broken: str | None = None, resume: bool = False) -> None:
+    mp.start_processes(_rank, args=(size, _free_port(), str(run_dir), batch_size, broken, resume), nprocs=size,
                        start_method="fork")
 
 
@@ -97,6 +99,7 @@ def test_two_ranks_of_batch_1_train_what_one_process_of_batch_2_trains(tmp_path)
     torch.set_num_threads(1)
     try:
         single = _train(_config(tmp_path / "single", 2))
+        _train(_config(tmp_path / "handover", 2), until=STEPS // 2)  # its state goes on under torchrun below
     finally:
         torch.set_num_threads(threads)
     _run_ranks(tmp_path / "ranks", 2, 1)
@@ -114,8 +117,134 @@ def test_two_ranks_of_batch_1_train_what_one_process_of_batch_2_trains(tmp_path)
     assert difference < TOLERANCE, difference
     assert single.step == STEPS
 
+    # A single-process state resumes with 2 ranks (same global batch) and continues to the same result.
+    _run_ranks(tmp_path / "handover", 2, 1, resume=True)
+    assert [r["items"] for r in _rows(tmp_path / "handover")] == [r["items"] for r in want]
+    assert _max_difference(_adapter(tmp_path / "handover"), _adapter(tmp_path / "single")) < TOLERANCE
+
     # Negative controls: each of the two mistakes the design avoids is caught by the comparison above.
     for broken in ("unsharded", "per-rank balancing"):
         run = tmp_path / broken.replace(" ", "_")
         _run_ranks(run, 2, 1, broken)
         assert _max_difference(_adapter(run), _adapter(tmp_path / "single")) > 100 * TOLERANCE, broken
+
+
+TOML = """
+[[dataset.sources]]
+path = "{clips}"
+
+[dataset]
+frames = 9
+width = 64
+height = 64
+
+[cache]
+dir = "{cache}"
+
+[network]
+rank = 4
+alpha = 4.0
+
+[train]
+steps = {steps}
+batch_size = {batch_size}
+mixed_precision = "fp32"
+device = "cpu"
+seed = 5
+num_threads = 1
+
+[output]
+dir = "{run}"
+save_every = 100
+"""
+KILL_STEPS = 10
+
+
+def _toml(folder: Path, name: str, run: str, batch_size: int) -> Path:
+    path = folder / f"{name}.toml"
+    path.write_text(TOML.format(clips=folder / "clips", cache=folder / "cache", run=folder / run, steps=KILL_STEPS,
+                                batch_size=batch_size), encoding="utf-8")
+    return path
+
+
+def _workers(agent: int) -> dict[int, int]:
+    """{rank: pid} of the processes torchrun's agent ``agent`` started."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            if not entry.name.isdigit() or int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) != agent:
+                continue
+            env = dict(v.split("=", 1) for v in (entry / "environ").read_bytes().decode(errors="replace").split("\0") if "=" in v)
+        except (OSError, ValueError):
+            continue  # ended meanwhile
+        if "RANK" in env:
+            found[int(env["RANK"])] = int(entry.name)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds torchrun's workers in /proc")
+def test_a_killed_rank_ends_every_rank_and_the_state_resumes_in_one_process(tmp_path):
+    from ltx2_av_trainer.trainer.app.cli import main
+    from ltx2_av_trainer.trainer.data.synth import make_demo_dataset
+
+    make_demo_dataset(tmp_path / "clips", clips_per_speaker=2, seconds=0.6, width=64, height=64)
+    straight = _toml(tmp_path, "straight", "straight", 2)
+    assert main(["cache", "--config", str(straight), "--quiet"]) == 0
+    assert main(["train", "--config", str(straight), "--quiet"]) == 0
+
+    ranks = _toml(tmp_path, "ranks", "ranks", 1)
+    agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                              "-m", "ltx2_av_trainer.trainer.app.cli", "train", "--config", str(ranks), "--quiet"],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "ranks" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while (not metrics.exists() or len(metrics.read_text().splitlines()) < 3) and agent.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    workers = _workers(agent.pid)
+    assert agent.poll() is None and sorted(workers) == [0, 1], agent.poll()
+    os.kill(workers[1], signal.SIGKILL)
+    output, _ = agent.communicate(timeout=300)
+    assert agent.returncode != 0
+    assert not any(_alive(pid) for pid in workers.values()), output[-3000:]
+    assert "another rank stopped answering" in output, output[-3000:]
+    state = find_latest_state(tmp_path / "ranks")
+    # Rank 0 saved the last step both ranks completed (3 rows were written before the kill).
+    assert state is not None and 3 <= load_state(state).step < KILL_STEPS, (state, output[-3000:])
+
+    # The same run directory, continued by one process with the same global batch (1 process x batch 2).
+    resume = _toml(tmp_path, "resume", "ranks", 2)
+    assert main(["train", "--config", str(resume), "--quiet"]) == 0
+    want, got = _rows(tmp_path / "straight"), _rows(tmp_path / "ranks")
+    assert [r["step"] for r in got] == list(range(1, KILL_STEPS + 1))
+    assert [r["items"] for r in got] == [r["items"] for r in want]
+    difference = _max_difference(_adapter(tmp_path / "ranks"), _adapter(tmp_path / "straight"))
+    assert difference < TOLERANCE, difference
+
+
+def test_bench_reports_the_scaling_of_two_cpu_ranks(tmp_path):
+    import argparse
+
+    from ltx2_av_trainer.trainer.app.bench import cmd_bench
+    from ltx2_av_trainer.trainer.app.bench_cli import add_bench_arguments
+
+    parser = argparse.ArgumentParser()
+    add_bench_arguments(parser)
+    out = tmp_path / "scaling.json"
+    assert cmd_bench(parser.parse_args(["--preset", "tiny", "--ranks", "2", "--steps", "2", "--warmup", "1",
+                                        "--json", str(out), "--quiet"])) == 0
+    report = json.loads(out.read_text())
+    assert (report["ranks"], report["backend"], report["batch_per_rank"]) == (2, "gloo", 1)
+    for side in ("single", "distributed"):
+        assert len(report[side]["step_times_s"]) == 2 and report[side]["tokens_per_s_per_rank"] > 0
+    assert report["single"]["comm_share"] == 0  # one process runs no collective
+    assert 0 < report["distributed"]["comm_share"] < 1  # the ranks' gradients were all-reduced
+    assert report["scaling_efficiency"] == pytest.approx(
+        report["distributed"]["tokens_per_s_per_rank"] / report["single"]["tokens_per_s_per_rank"])

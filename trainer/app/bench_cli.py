@@ -21,5 +21,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cpu for tiny/small, cuda for real)")
     parser.add_argument("--compare-checkpointing", action="store_true",
                         help="also measure our step's memory with checkpointing off and on and report the cut")
+    parser.add_argument("--ranks", type=int, default=None,
+                        help="instead: scaling of our step over this many torch.distributed ranks (gloo on cpu, NCCL on "
+                             "cuda) vs one process, tokens/s per rank and the collectives' share of the step")
     parser.add_argument("--json", metavar="PATH", help="also write the report as JSON to PATH")
     parser.add_argument("--quiet", action="store_true", help="print only errors")
