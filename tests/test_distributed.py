@@ -1,5 +1,7 @@
 """Several ranks (torch.distributed, gloo on the CPU) train what one process trains: N ranks x batch b equal one
-process x batch N·b, a killed rank ends the run with a resumable state, and that state resumes in one process."""
+process x batch N·b (and a single-process state goes on with 2 ranks); a stop asked of one rank stops every rank after
+the same step; a rank killed under torchrun ends the run with a resumable state; those states resume in one process
+to the straight run's result. Ranks are forked (nothing to import again) except under torchrun."""
 
 from __future__ import annotations
 
@@ -59,7 +61,8 @@ def _train(cfg, world: World | None = None, until: int | None = None, resume: bo
     return trainer
 
 
-def _rank(rank: int, size: int, port: int, run_dir: str, batch_size: int, broken: str | None, resume: bool) -> None:
+def _rank(rank: int, size: int, port: int, run_dir: str, batch_size: int, broken: str | None, resume: bool,
+          stop_at: int | None) -> None:
     """One rank, as torchrun starts it (the environment names the group)."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(size), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
@@ -69,14 +72,25 @@ def _rank(rank: int, size: int, port: int, run_dir: str, batch_size: int, broken
         Trainer.global_batch_size = property(lambda self: self.config.train.batch_size)
     if broken == "per-rank balancing":  # the balancer and the tallies see this rank's losses only
         World.sum_values = lambda self, values: dict(values)
+    if stop_at is not None and rank == 1:  # this rank alone is asked to stop (its SIGTERM) after step stop_at
+        step = Trainer.train_step
+
+        def train_step(self):
+            metrics = step(self)
+            if self.step == stop_at:
+                self.stop.request("SIGTERM")
+            return metrics
+
+        Trainer.train_step = train_step
     try:
         _train(_config(Path(run_dir), batch_size), world, resume=resume)
     finally:
         world.close()
 
 
-def _run_ranks(run_dir: Path, size: int, batch_size: int, broken: str | None = None, resume: bool = False) -> None:
-    mp.start_processes(_rank, args=(size, _free_port(), str(run_dir), batch_size, broken, resume), nprocs=size,
+def _run_ranks(run_dir: Path, size: int, batch_size: int, broken: str | None = None, resume: bool = False,
+               stop_at: int | None = None) -> None:
+    mp.start_processes(_rank, args=(size, _free_port(), str(run_dir), batch_size, broken, resume, stop_at), nprocs=size,
                        start_method="fork")
 
 
@@ -127,6 +141,23 @@ def test_two_ranks_of_batch_1_train_what_one_process_of_batch_2_trains(tmp_path)
         run = tmp_path / broken.replace(" ", "_")
         _run_ranks(run, 2, 1, broken)
         assert _max_difference(_adapter(run), _adapter(tmp_path / "single")) > 100 * TOLERANCE, broken
+
+
+def test_a_stop_on_one_rank_stops_every_rank_after_the_same_step_and_resumes_in_one_process(tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _train(_config(tmp_path / "single", 2))
+        stop_at = 7
+        _run_ranks(tmp_path / "ranks", 2, 1, stop_at=stop_at)  # returns only when both ranks ended without error
+        assert [r["step"] for r in _rows(tmp_path / "ranks")] == list(range(1, stop_at + 1))
+        state = find_latest_state(tmp_path / "ranks")
+        assert load_state(state).step == stop_at
+        _train(_config(tmp_path / "ranks", 2), resume=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert [r["items"] for r in _rows(tmp_path / "ranks")] == [r["items"] for r in _rows(tmp_path / "single")]
+    assert _max_difference(_adapter(tmp_path / "ranks"), _adapter(tmp_path / "single")) < TOLERANCE
 
 
 TOML = """

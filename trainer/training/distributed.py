@@ -149,7 +149,8 @@ class World:
             call()
         except RuntimeError as exc:  # gloo and NCCL raise RuntimeError (DistBackendError) when a peer is gone
             raise PeerFailure(f"rank {self.rank} of {self.size}: another rank stopped answering ({_first_line(exc)}); "
-                              "this rank stops too") from exc
+                              "this rank stops too, rank 0 keeping the last completed step: run the same command again "
+                              "to resume") from exc
         finally:
             self.comm_seconds += time.perf_counter() - started
 
