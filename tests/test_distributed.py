@@ -160,6 +160,19 @@ def test_a_stop_on_one_rank_stops_every_rank_after_the_same_step_and_resumes_in_
     assert _max_difference(_adapter(tmp_path / "ranks"), _adapter(tmp_path / "single")) < TOLERANCE
 
 
+def test_a_state_resumes_only_with_the_same_global_batch(tmp_path):
+    from ltx2_av_trainer.trainer.training.loop import TrainingError
+
+    _train(_config(tmp_path / "run", 2), until=2)
+    cfg = _config(tmp_path / "run", 2)  # 2 ranks x batch 2: a global batch of 4 (no collective runs before run())
+    trainer = Trainer(cfg, build_denoiser(cfg.model), _samples(cfg), cfg.output.dir, world=World(rank=0, size=2))
+    with pytest.raises(TrainingError, match=r"global batch of 2 samples and this run has 4 \(2 rank\(s\) x train.batch_size 2\)"):
+        trainer.try_resume()
+    cfg = _config(tmp_path / "run", 1)
+    trainer = Trainer(cfg, build_denoiser(cfg.model), _samples(cfg), cfg.output.dir, world=World(rank=1, size=2))
+    assert trainer.try_resume() == 2  # 2 ranks x batch 1 continue it
+
+
 TOML = """
 [[dataset.sources]]
 path = "{clips}"
