@@ -292,3 +292,11 @@ def test_bench_reports_the_scaling_of_two_cpu_ranks(tmp_path):
     assert 0 < report["distributed"]["comm_share"] < 1  # the ranks' gradients were all-reduced
     assert report["scaling_efficiency"] == pytest.approx(
         report["distributed"]["tokens_per_s_per_rank"] / report["single"]["tokens_per_s_per_rank"])
+
+
+def test_only_train_runs_under_torchrun(tmp_path, monkeypatch, capsys):
+    from ltx2_av_trainer.trainer.app.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["verify", str(tmp_path / "some.safetensors")]) == 2
+    assert "`verify` runs in one process, but torchrun started 2" in capsys.readouterr().err
