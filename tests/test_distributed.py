@@ -274,16 +274,10 @@ def test_a_killed_rank_ends_every_rank_and_the_state_resumes_in_one_process(tmp_
 
 
 def test_bench_reports_the_scaling_of_two_cpu_ranks(tmp_path):
-    import argparse
+    from ltx2_av_trainer.trainer.app.cli import main
 
-    from ltx2_av_trainer.trainer.app.bench import cmd_bench
-    from ltx2_av_trainer.trainer.app.bench_cli import add_bench_arguments
-
-    parser = argparse.ArgumentParser()
-    add_bench_arguments(parser)
     out = tmp_path / "scaling.json"
-    assert cmd_bench(parser.parse_args(["--preset", "tiny", "--ranks", "2", "--steps", "2", "--warmup", "1",
-                                        "--json", str(out), "--quiet"])) == 0
+    assert main(["bench", "--preset", "tiny", "--ranks", "2", "--steps", "2", "--warmup", "1", "--json", str(out), "--quiet"]) == 0
     report = json.loads(out.read_text())
     assert (report["ranks"], report["backend"], report["batch_per_rank"]) == (2, "gloo", 1)
     for side in ("single", "distributed"):

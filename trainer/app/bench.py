@@ -819,16 +819,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from ..io_utils import atomic_write_json
     from .console import Progress
 
-    if args.ranks is not None:
-        from .bench_distributed import format_scaling_report, run_scaling_bench
-
-        report = run_scaling_bench(args.preset, args.ranks, steps=args.steps, warmup=args.warmup, device=args.device)
-        if not args.quiet:
-            print(format_scaling_report(report))
-        if args.json:
-            atomic_write_json(args.json, report)
-        return 0
-
     bar: Progress | None = None
 
     def progress(done: int, total: int) -> None:

@@ -11,6 +11,7 @@ the summed loss scalars, and the wait for the slowest rank, which a collective i
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import socket
@@ -52,6 +53,18 @@ def run_scaling_bench(preset: str = "small", ranks: int = 2, steps: int | None =
         "scaling_efficiency": many["tokens_per_s_per_rank"] / one["tokens_per_s_per_rank"],
         "comm_share": many["comm_share"],
     }
+
+
+def cmd_scaling_bench(args: argparse.Namespace) -> int:
+    """``bench --ranks N``: print the report (and write it as JSON with ``--json``)."""
+    from ..io_utils import atomic_write_json
+
+    report = run_scaling_bench(args.preset, args.ranks, steps=args.steps, warmup=args.warmup, device=args.device)
+    if not args.quiet:
+        print(format_scaling_report(report))
+    if args.json:
+        atomic_write_json(args.json, report)
+    return 0
 
 
 def _side(timings: dict, tokens_per_rank_step: int) -> dict:

@@ -162,7 +162,10 @@ def cmd_report(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import cmd_bench as run
+    if args.ranks is not None:
+        from .bench_distributed import cmd_scaling_bench as run
+    else:
+        from .bench import cmd_bench as run
 
     return run(args)
 
