@@ -258,7 +258,8 @@ def test_a_killed_rank_ends_every_rank_and_the_state_resumes_in_one_process(tmp_
     output, _ = agent.communicate(timeout=300)
     assert agent.returncode != 0
     assert not any(_alive(pid) for pid in workers.values()), output[-3000:]
-    assert "another rank stopped answering" in output, output[-3000:]
+    # Rank 0's "another rank stopped answering" line is not asserted: torchrun, having seen rank 1 die, may SIGTERM
+    # rank 0 after it saved the state and before it printed.
     state = find_latest_state(tmp_path / "ranks")
     # Rank 0 saved the last step both ranks completed (3 rows were written before the kill).
     assert state is not None and 3 <= load_state(state).step < KILL_STEPS, (state, output[-3000:])
