@@ -29,5 +29,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--unfused", action="store_true",
                         help="also time our step with the AdamW loop and the LoRA update as separate ops (the step "
                              "before its fused kernels), alternating with the other two (diffusers backend)")
+    parser.add_argument("--ranks", type=int, default=None,
+                        help="instead: scaling of our step over this many torch.distributed ranks (gloo on cpu, NCCL on "
+                             "cuda) vs one process, tokens/s per rank and the collectives' share of the step")
     parser.add_argument("--json", metavar="PATH", help="also write the report as JSON to PATH")
     parser.add_argument("--quiet", action="store_true", help="print only errors")

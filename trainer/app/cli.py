@@ -80,16 +80,18 @@ def cmd_cache(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from ..training.distributed import launched_rank
+    from ..training.stopping import exit_code_for
     from .pipeline import run_train_command
 
     if args.resume and args.no_resume:
         raise UserError("--resume and --no-resume contradict each other: give one of them")
     config = _load_config(args)
     report = run_train_command(config, resume=args.resume, no_resume=args.no_resume, quiet=args.quiet)
+    if launched_rank() != 0:
+        return exit_code_for(report["stopped_by"]) if report.get("stopped_by") else 0  # rank 0 reports for the run
     _write_json(args.json, report)
     if report.get("stopped_by"):
-        from ..training.stopping import exit_code_for
-
         state = report["files"]["state"]
         saved = f"resumable state saved in {state}" if state else "nothing trained yet, nothing saved"
         print(f"stopped by {report['stopped_by']} after step {report['steps']}: {saved}; run the same command again "
@@ -180,7 +182,11 @@ def cmd_report(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    if args.backend == "comfyui":
+    if args.ranks is not None:
+        if args.backend == "comfyui":
+            raise ConfigError("bench --ranks measures the headless trainer's scaling; it does not combine with --backend comfyui")
+        from .bench_distributed import cmd_scaling_bench as run
+    elif args.backend == "comfyui":
         from .bench_comfyui import cmd_bench_comfyui as run
     else:
         from .bench import cmd_bench as run
@@ -292,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        _only_train_under_torchrun(args.command)
         return args.func(args)
     except (ConfigError, UserError, FileNotFoundError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -310,6 +317,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def _only_train_under_torchrun(command: str) -> None:
+    from ..training.distributed import launched_ranks
+
+    ranks = launched_ranks()
+    if ranks > 1 and command != "train":
+        raise UserError(f"`{command}` runs in one process, but torchrun started {ranks}: only `train` runs on several "
+                        f"ranks; run `ltx2-av-trainer {command} ...` without torchrun")
+
+
 def _is_reported_error(exc: Exception) -> bool:
     """Errors whose message already says what is wrong and what to do."""
     from ..adapters.files import AdapterFileError
@@ -317,9 +333,10 @@ def _is_reported_error(exc: Exception) -> bool:
     from ..data.media.probe import MediaError
     from ..evaluation.report_html import ReportError
     from ..evaluation.voice_score import VoiceScoreError
+    from ..training.distributed import PeerFailure
     from ..training.loop import TrainingError
 
-    return isinstance(exc, (TrainingError, MediaError, ReportError, VoiceScoreError, CacheError, AdapterFileError))
+    return isinstance(exc, (TrainingError, MediaError, ReportError, VoiceScoreError, CacheError, AdapterFileError, PeerFailure))
 
 
 if __name__ == "__main__":

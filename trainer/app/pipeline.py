@@ -20,6 +20,7 @@ from ..data.dataset import enumerate_dataset
 from ..data.doctor import run_doctor
 from ..data.media.probe import MediaError
 from ..io_utils import atomic_write_json
+from ..training.distributed import World, join_from_environment
 from ..training.loop import CallbackList, TrainCallbacks, Trainer, TrainResult
 from ..training.stopping import StopRequest, stop_on_signals
 from .console import ConsoleTraining, Progress
@@ -140,23 +141,26 @@ def load_samples_for_training(config: Config, *, quiet: bool = False):
 
 def train_from_cache(config: Config, denoiser, *, encoders=None, callbacks: TrainCallbacks | None = None,
                      resume: str | None = None, no_resume: bool = False, until_step: int | None = None,
-                     quiet: bool = False, stop: StopRequest | None = None) -> TrainResult:
+                     quiet: bool = False, stop: StopRequest | None = None, world: World | None = None) -> TrainResult:
     """Train from the cache folder alone. ``encoders`` (the ones that built the cache) provide what some
     options need: the encoded silence (audio.missing_audio), the preservation prompts' contexts, the text
     connectors (network.connectors) and validation samples with voice scores. ``stop``: requesting it stops the
-    run at the next step boundary with a resumable state (``result.stopped_by`` says why)."""
+    run at the next step boundary with a resumable state (``result.stopped_by`` says why). ``world``: this
+    process' rank when torchrun started several (only rank 0 writes the reports)."""
+    world = world or World()
     if resume and no_resume:
         raise ConfigError("--resume and --no-resume contradict each other: give one of them")
     samples = load_samples_for_training(config, quiet=quiet)
     extras = trainer_inputs(config, encoders, quiet=quiet)
-    sampler = validation_sampler(config, encoders, quiet=quiet)
-    trainer = Trainer(config, denoiser, samples, config.output.dir, CallbackList(callbacks, sampler), stop=stop, **extras)
+    sampler = validation_sampler(config, encoders, quiet=quiet) if world.is_main else None
+    trainer = Trainer(config, denoiser, samples, config.output.dir, CallbackList(callbacks, sampler), stop=stop,
+                      world=world, **extras)
     return run_and_report(config, trainer, resume=resume, no_resume=no_resume, until_step=until_step, quiet=quiet)
 
 
 def run_and_report(config: Config, trainer: Trainer, *, resume: str | None, no_resume: bool, until_step: int | None,
                    quiet: bool) -> TrainResult:
-    """Resume (as asked), train, detach the adapter, write report.json and the report page."""
+    """Resume (as asked), train, detach the adapter, write report.json and the report page (rank 0 only)."""
     try:
         if resume or (not no_resume and config.output.resume == "auto"):
             trainer.try_resume(resume)
@@ -165,9 +169,10 @@ def run_and_report(config: Config, trainer: Trainer, *, resume: str | None, no_r
         # The adapter lives on in the exported file and the resumable state; the base model is left
         # exactly as it was (ComfyUI samples with it next).
         trainer.network.detach()
-    write_run_report(config, result, trainer)
-    if config.validation.report and result.completed:
-        write_report_page(config, result, quiet=quiet)
+    if trainer.world.is_main:
+        write_run_report(config, result, trainer)
+        if config.validation.report and result.completed:
+            write_report_page(config, result, quiet=quiet)
     return result
 
 
@@ -275,14 +280,23 @@ def write_run_report(config: Config, result: TrainResult, trainer: Trainer) -> d
 
 
 def run_train_command(config: Config, *, resume: str | None = None, no_resume: bool = False, quiet: bool = False) -> dict:
-    denoiser = build_headless_denoiser(config)
-    encoders = build_headless_encoders(config)
-    tensorboard = Path(config.output.dir) / "tensorboard" if config.logging.tensorboard else None
-    callbacks = ConsoleTraining(quiet=quiet or config.logging.quiet, tensorboard_dir=tensorboard)
-    # Ctrl-C and SIGTERM stop at the next step boundary (a second one at once, keeping the last completed step).
-    with stop_on_signals(StopRequest(), announce=_announce) as stop:
-        result = train_from_cache(config, denoiser, encoders=encoders, callbacks=callbacks, resume=resume,
-                                  no_resume=no_resume, quiet=quiet, stop=stop)
+    """``train``: one process, or one rank of several when started by torchrun (README: Several GPUs); every rank
+    returns the report rank 0 wrote."""
+    world = join_from_environment(config.train.device)
+    try:
+        quiet = quiet or not world.is_main  # rank 0 speaks for the run; the others print only their errors
+        denoiser = build_headless_denoiser(config)
+        encoders = build_headless_encoders(config)
+        tensorboard = Path(config.output.dir) / "tensorboard" if config.logging.tensorboard else None
+        callbacks = ConsoleTraining(quiet=quiet or config.logging.quiet, tensorboard_dir=tensorboard) if world.is_main else None
+        # Ctrl-C and SIGTERM stop at the next step boundary (a second one at once, keeping the last completed step).
+        with stop_on_signals(StopRequest(), announce=_announce if world.is_main else None) as stop:
+            result = train_from_cache(config, denoiser, encoders=encoders, callbacks=callbacks, resume=resume,
+                                      no_resume=no_resume, quiet=quiet, stop=stop, world=world)
+        # No rank leaves before rank 0 has written everything: torchrun stops the others once one has exited.
+        world.barrier()
+    finally:
+        world.close()
     return json.loads((result.run_dir / "report.json").read_text(encoding="utf-8"))
 
 

@@ -144,7 +144,13 @@ def drop_captions(text: TextContext, joint: float, video: float, audio: float, g
     prediction CFG needs). ``video`` / ``audio``: only that modality's context zeroed (the mask is shared by
     both streams, so it stays). Random numbers are drawn only for rates > 0, so a run without caption
     dropout sees exactly the same σ and noise as before."""
-    batch = text.video.shape[0]
+    return apply_caption_keep(text, caption_keep_masks(text.video.shape[0], joint, video, audio, generator))
+
+
+def caption_keep_masks(batch: int, joint: float, video: float, audio: float,
+                       generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The draws of ``drop_captions`` for ``batch`` samples: which keep their video context, audio context and mask
+    (``[batch]`` bool each)."""
     keep_video = torch.ones(batch, dtype=torch.bool)
     keep_audio = torch.ones(batch, dtype=torch.bool)
     keep_mask = torch.ones(batch, dtype=torch.bool)
@@ -157,8 +163,15 @@ def drop_captions(text: TextContext, joint: float, video: float, audio: float, g
         keep_video &= ~(torch.rand(batch, generator=generator) < video)
     if audio > 0:
         keep_audio &= ~(torch.rand(batch, generator=generator) < audio)
+    return keep_video, keep_audio, keep_mask
+
+
+def apply_caption_keep(text: TextContext, keep: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> TextContext:
+    """``text`` with the contexts and masks that ``keep`` (from ``caption_keep_masks``) drops zeroed."""
+    keep_video, keep_audio, keep_mask = keep
     if bool(keep_video.all() and keep_audio.all() and keep_mask.all()):
         return text
+    batch = text.video.shape[0]
 
     def apply(tensor: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         shape = (batch,) + (1,) * (tensor.ndim - 1)

@@ -20,28 +20,28 @@ import torch
 
 from ..adapters.files import save_network
 from ..adapters.network import LoRANetwork, build_lora
-from ..backends.interface import DenoiserInput, TextContext, audio_token_count, video_token_count
+from ..backends.interface import DenoiserInput, TextContext, video_token_count
 from ..backends.text_connectors import ConnectorStack
 from ..config import Config, ConfigError
 from ..data.batch_sampler import AudioAwareBatchSampler
-from ..data.batches import Batch, LatentSample, collate, content_digest, drop_captions, truncate_audio
+from ..data.batches import Batch, LatentSample, apply_caption_keep, collate, content_digest, truncate_audio
 from ..io_utils import append_jsonl, atomic_write_text, read_jsonl, remove_stale_temporaries
+from .batch_draws import BatchDraws, batch_mean, draw_batch
 from .conditioning import (
     check_samples,
     condition_inputs,
-    draw_first_frame,
     lora_metadata,
-    timestep_config,
     trains_audio_only,
 )
+from .distributed import World, dropout_seed
 from .losses import AudioLossBalancer, audio_padding_mask, elementwise_loss, masked_per_sample_loss
 from .monitor import AudioSupervisionMonitor
 from .optim import build_optimizer, build_scheduler, enter_training, evaluation_weights, optimizer_warnings
-from .preservation import Preservation, SilenceLatents, SilenceSource, audio_dop_loss, require_silence
+from .preservation import Preservation, SilenceLatents, SilenceSource, audio_dop_draws, audio_dop_loss, require_silence
 from .representation import DualTimestep, RepresentationAlignment
 from .state import find_latest_state, load_state, save_state
 from .stopping import StopRequest
-from .timesteps import AUDIO_OFFSET_DIMS, VIDEO_OFFSET_DIMS, add_noise, offset_noise, sample_modality_sigmas, velocity_target
+from .timesteps import add_noise, velocity_target
 from .validation import validation_losses
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -66,14 +66,15 @@ class StepLosses:
 
 def training_step(batch: Batch, denoiser, config: Config, generator: torch.Generator, device: torch.device, autocast_dtype,
                   *, silence: SilenceLatents | None = None, connectors: ConnectorStack | None = None,
-                  dual_timestep: DualTimestep | None = None) -> StepLosses:
+                  dual_timestep: DualTimestep | None = None, draws: BatchDraws | None = None) -> StepLosses:
     """Flow matching on both modalities with their own σ: x_σ = (1-σ)x0 + σε, target ε - x0.
 
     ``silence``: an audio-free batch gets the encoded silence as its audio target. ``connectors``: the text
     context is computed from the batch's pre-connector features (connector training). ``dual_timestep``:
     Self-Flow's per-token video σ (``representation.py``). The training mode
     (``conditioning``: first frame, IC-LoRA guide, ID-LoRA reference, audio-only stand-in) decides what else the
-    model sees and which tokens count in the loss."""
+    model sees and which tokens count in the loss. ``draws``: the batch's random numbers, drawn by the caller (a
+    rank's rows of the global batch, whose size divides the losses); default: drawn here from ``generator``."""
     loss_cfg = config.loss
     video = batch.video.to(device, torch.float32)
     real_audio = batch.audio is not None
@@ -83,11 +84,10 @@ def training_step(batch: Batch, denoiser, config: Config, generator: torch.Gener
         audio = silence.for_batch(batch).to(device)
     else:
         audio = None
-    sigma_video, sigma_audio = sample_modality_sigmas(
-        timestep_config(config, batch), config.model.version, batch.size, video_token_count(video),
-        None if audio is None else audio_token_count(audio), generator,
-    )
-    noise_video = offset_noise(tuple(video.shape), loss_cfg.noise_offset, VIDEO_OFFSET_DIMS, generator).to(device)
+    if draws is None:
+        draws = draw_batch(batch, config, generator, audio_shape=None if audio is None else tuple(audio.shape))
+    sigma_video, sigma_audio = draws.sigma_video, draws.sigma_audio
+    noise_video = draws.noise_video.to(device)
     video_sigma_in = sigma_video.to(device)
     if dual_timestep is not None:
         noisy_video, video_sigma_in = dual_timestep.noise(video, noise_video, video_sigma_in, generator)
@@ -95,19 +95,18 @@ def training_step(batch: Batch, denoiser, config: Config, generator: torch.Gener
         noisy_video = add_noise(video, noise_video, video_sigma_in)
     noisy_audio = noise_audio = None
     if audio is not None:
-        noise_audio = offset_noise(tuple(audio.shape), loss_cfg.audio_noise_offset, AUDIO_OFFSET_DIMS, generator).to(device)
+        noise_audio = draws.noise_audio.to(device)
         noisy_audio = add_noise(audio, noise_audio, sigma_audio.to(device))
 
     dtype = autocast_dtype or torch.float32
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         text = _batch_text(batch, device, dtype, connectors)
-    if loss_cfg.caption_dropout or loss_cfg.caption_dropout_video or loss_cfg.caption_dropout_audio:
-        text = drop_captions(text, loss_cfg.caption_dropout, loss_cfg.caption_dropout_video, loss_cfg.caption_dropout_audio, generator)
-    first_frame = draw_first_frame(config.conditioning.first_frame_p, batch.size, video.shape[2], generator)
+    if draws.caption_keep is not None:
+        text = apply_caption_keep(text, draws.caption_keep)
     conditioned = condition_inputs(
         batch, config.conditioning.mode, video, noisy_video.to(dtype), video_sigma_in,
         None if noisy_audio is None else noisy_audio.to(dtype), None if sigma_audio is None else sigma_audio.to(device),
-        text, first_frame,
+        text, draws.first_frame,
     )
     inputs = conditioned.inputs
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
@@ -119,15 +118,15 @@ def training_step(batch: Batch, denoiser, config: Config, generator: torch.Gener
             elementwise_loss(pred_video, velocity_target(video, noise_video), loss_cfg.type, loss_cfg.huber_delta),
             conditioned.video_loss_mask,
         )
-        loss_video = (per_sample_video * batch.video_loss_weight.to(device)).mean()
+        loss_video = batch_mean(per_sample_video * batch.video_loss_weight.to(device), draws.total)
     loss_audio = loss_silence = None
     if audio is not None:
         elem = elementwise_loss(pred_audio, velocity_target(audio, noise_audio), loss_cfg.type, loss_cfg.huber_delta)
         if real_audio:
             per_sample_audio = masked_per_sample_loss(elem, audio_padding_mask(audio, batch.audio_valid_frames))
-            loss_audio = (per_sample_audio * batch.audio_loss_weight.to(device)).mean()
+            loss_audio = batch_mean(per_sample_audio * batch.audio_loss_weight.to(device), draws.total)
         else:
-            loss_silence = masked_per_sample_loss(elem, None).mean()
+            loss_silence = batch_mean(masked_per_sample_loss(elem, None), draws.total)
     return StepLosses(loss_video, loss_audio, sigma_video, sigma_audio if real_audio else None, loss_silence,
                       inputs, pred_video, pred_audio)
 
@@ -241,20 +240,24 @@ class Trainer:
     by audio.missing_audio = silence / audio_dop), ``preservation_contexts`` (``{"class": ctx, "blank": ctx}``
     for preservation.dop / blank) and ``text_connectors`` (diffusers' ``LTX2TextConnectors``, for
     network.connectors; the samples then carry ``text_features``). ``stop``: the run stops at the next step
-    boundary once it is requested (``stopping.py``; the CLI's signal handlers and ComfyUI's Cancel use it)."""
+    boundary once it is requested (``stopping.py``; the CLI's signal handlers and ComfyUI's Cancel use it).
+    ``world``: this process' rank in a run with several (``distributed.py``; torchrun); only rank 0 writes files
+    and calls ``callbacks``."""
 
     def __init__(self, config: Config, denoiser, samples: list[LatentSample], run_dir: str | Path,
                  callbacks: TrainCallbacks | None = None, *, validation_samples: list[LatentSample] | None = None,
                  silence_audio_latent: SilenceSource | None = None,
                  preservation_contexts: dict[str, TextContext] | None = None, text_connectors=None,
-                 stop: StopRequest | None = None):
+                 stop: StopRequest | None = None, world: World | None = None):
         self.config = config
         self.denoiser = denoiser
         self.run_dir = Path(run_dir)
-        self.callbacks = callbacks or TrainCallbacks()
+        self.world = world or World()
+        self.callbacks = (callbacks if self.world.is_main else None) or TrainCallbacks()
         self.stop = stop or StopRequest()
+        self.stop.agree_with(self.world.stop_reason)
         self.warnings: list[str] = []
-        self.device = _resolve_device(config.train.device)
+        self.device = self.world.device if self.world.distributed else _resolve_device(config.train.device)
         precision = config.train.mixed_precision
         self.autocast_dtype = None if precision == "fp32" else PRECISION_DTYPES[precision]
         # fp16 gradients underflow without loss scaling; the scaler runs on CUDA and on the CPU alike.
@@ -289,6 +292,10 @@ class Trainer:
         self.network.to(self.device)
         # CREPA / Self-Flow (inert when both are off): their projectors train in the same optimizer.
         self.representation = RepresentationAlignment(config, denoiser, self.device)
+        if self.representation.active and self.world.distributed:
+            # Their extra noise draws and feature means are per rank: one process would train something else.
+            raise ConfigError("crepa.enabled / self_flow.enabled: not available under torchrun yet (their draws and "
+                              "terms are per process); train with one process, or turn them off")
         self.optimizer = build_optimizer(self.network, config.optimizer, config.schedule, self.device,
                                          self.representation.parameter_groups(config.optimizer))
         for message in optimizer_warnings(config.optimizer):
@@ -296,8 +303,9 @@ class Trainer:
         enter_training(self.optimizer)
         self.scheduler = build_scheduler(self.optimizer, config.train.steps, config.schedule)
         self.balancer = AudioLossBalancer(config.loss)
+        # Every rank draws the same global batches (ranks x batch_size samples) and trains its rows of each.
         self.sampler = AudioAwareBatchSampler(
-            samples, config.train.batch_size, config.train.seed, accumulation=config.train.gradient_accumulation,
+            samples, self.global_batch_size, config.train.seed, accumulation=config.train.gradient_accumulation,
             batch_probability=audio_cfg.batch_probability, min_audio_per_accum=audio_cfg.min_batches_per_accum,
         )
         if self.sampler.tilted and not self.sampler.has_audio:
@@ -318,6 +326,11 @@ class Trainer:
         # saves the last completed step, never a half step.
         self._step_start: dict | str | None = None
 
+    @property
+    def global_batch_size(self) -> int:
+        """Samples per micro-batch over all ranks: what one process trains with the same results."""
+        return self.config.train.batch_size * self.world.size
+
     def _connector_stack(self, text_connectors) -> ConnectorStack | None:
         if self.config.network.connectors == "off":
             return None
@@ -335,7 +348,8 @@ class Trainer:
 
     def try_resume(self, state_folder: str | Path | None = None) -> int | None:
         """Load the given state folder, or the latest one in the run directory. Returns the step."""
-        remove_stale_temporaries(self.run_dir / "lora")
+        if self.world.is_main:
+            remove_stale_temporaries(self.run_dir / "lora")
         folder = Path(state_folder) if state_folder else find_latest_state(self.run_dir)
         if folder is None:
             return None
@@ -344,6 +358,13 @@ class Trainer:
         stored = saved.extra.get("resume_fingerprint") or {}
         if stored != expected:
             differing = sorted(k for k in set(stored) | set(expected) if stored.get(k) != expected.get(k))
+            if differing == ["batch_size"]:
+                raise TrainingError(
+                    f"{folder}: this state was trained with a global batch of {stored['batch_size']} samples and this "
+                    f"run has {expected['batch_size']} ({self.world.size} rank(s) x train.batch_size "
+                    f"{self.config.train.batch_size}): set train.batch_size so that ranks x batch_size = "
+                    f"{stored['batch_size']} to continue it (or pass --no-resume to start over)"
+                )
             raise TrainingError(
                 f"{folder}: this state was saved by a run with a different model, network or dataset (differs: "
                 f"{', '.join(differing)}); use a new output.dir, or pass --no-resume to start over in this one"
@@ -370,8 +391,10 @@ class Trainer:
         self.step = saved.step
         self.resumed_from = saved.step
         self.last_state = folder
-        self._truncate_metrics(saved.step)
-        self.last_lora = self._ensure_lora(saved.step)
+        self.last_lora = self._lora_path(saved.step)
+        if self.world.is_main:
+            self._truncate_metrics(saved.step)
+            self.last_lora = self._ensure_lora(saved.step)
         return saved.step
 
     def _ensure_lora(self, step: int) -> Path:
@@ -392,7 +415,8 @@ class Trainer:
             # What the run trains on, in order (content, not file names): a repaired or moved cache that holds
             # the same latents resumes; any other data does not.
             "samples": self._samples_digest(),
-            "batch_size": c.train.batch_size,
+            # The global batch: a state resumes with any number of ranks that trains the same batches.
+            "batch_size": self.global_batch_size,
             "seed": c.train.seed,
             "optimizer": [c.optimizer.name] + [g["name"] for g in self.optimizer.param_groups],
             "sampling": [c.audio.batch_probability, c.audio.min_batches_per_accum, c.train.gradient_accumulation],
@@ -429,9 +453,12 @@ class Trainer:
             "consecutive_nonfinite": self.consecutive_nonfinite,
         }
 
-    def save_checkpoint(self, step_state: dict | None = None) -> tuple[Path, Path]:
+    def save_checkpoint(self, step_state: dict | None = None) -> tuple[Path, Path] | None:
         """Write the resumable state and the LoRA of the current step. ``step_state``: the ``_step_state()`` of
-        this step boundary when the live one has moved on (an exception in the middle of the next step)."""
+        this step boundary when the live one has moved on (an exception in the middle of the next step). Only rank
+        0 writes (every rank holds the same state); the others return None."""
+        if not self.world.is_main:
+            return None
         cfg = self.config
         step_state = step_state or self._step_state()
         extra = {
@@ -484,8 +511,9 @@ class Trainer:
         so resuming from it continues bit for bit."""
         cfg = self.config
         target = min(until_step or cfg.train.steps, cfg.train.steps)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.run_dir / "config.json", cfg.to_json() + "\n")
+        if self.world.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.run_dir / "config.json", cfg.to_json() + "\n")
         # train.num_threads is process-wide in torch: set for this run only (inside ComfyUI it is the server's).
         threads_before = torch.get_num_threads()
         if cfg.train.num_threads:
@@ -501,6 +529,9 @@ class Trainer:
             self._warn(f"the run is already at step {self.step} (train.steps = {cfg.train.steps}): nothing to train; "
                        f"its LoRA is {self.last_lora or self._lora_path(self.step)}. Raise train.steps to train further")
         self._step_start = None  # between steps (an earlier run may have ended inside one)
+        hint = "every rank must read the same cache and run directory (on a filesystem all nodes share)"
+        self.world.require_same("the training data", int(self._samples_digest()[:15], 16), hint)
+        self.world.require_same("the step to start from", self.step, hint)
         self.callbacks.on_start(self)
         self.network.train()
         saved_at = self.step
@@ -514,10 +545,11 @@ class Trainer:
                 if metrics is None:
                     continue  # skipped (non-finite); the counter guards against endless skipping
                 every = cfg.validation.every_steps
-                if self.validation_samples and every and (self.step % every == 0 or self.step == target):
+                if self.world.is_main and self.validation_samples and every and (self.step % every == 0 or self.step == target):
                     metrics.update(self.validate())
                 metrics.update(self.callbacks.extra_metrics(self, metrics))
-                append_jsonl(self.run_dir / "metrics.jsonl", metrics)
+                if self.world.is_main:
+                    append_jsonl(self.run_dir / "metrics.jsonl", metrics)
                 self.callbacks.on_step(self, metrics)
                 if self.step % cfg.logging.log_every == 0 or self.step == target:
                     self.callbacks.on_log(self, format_log_line(metrics, cfg.train.steps))
@@ -561,6 +593,8 @@ class Trainer:
         skipped (a non-finite loss or gradient; ``_skip_nonfinite`` counts those). ``run`` calls it in a loop,
         and the benchmark times exactly this."""
         self._step_start = self._step_state()
+        if self.world.distributed:
+            torch.manual_seed(dropout_seed(self.config.train.seed, self.step, self.world.rank))
         metrics = self._train_step()
         self._step_start = None  # a step boundary again (also after a skipped step)
         return metrics
@@ -581,79 +615,112 @@ class Trainer:
 
     def _micro_batch(self, tally: "_StepTally") -> bool:
         """Forward and backward of one micro-batch, its losses added to ``tally``; False when the step must
-        be skipped (a non-finite loss)."""
+        be skipped (a non-finite loss). With several ranks this rank trains its rows of the global batch and
+        every value that is tallied, balanced or checked is the global batch's (``distributed.py``)."""
         cfg = self.config
         accum = cfg.train.gradient_accumulation
         missing_audio = cfg.audio.missing_audio if self.silence is not None else "skip"
         t0 = time.perf_counter()
         batch_samples = [self.samples[i] for i in self.sampler.next_batch()]
-        batch = collate(batch_samples)
+        rows = self.world.rows(len(batch_samples))
+        mine = batch_samples[rows]
+        # A rank with an empty share still draws the global batch's random numbers, from a batch of its shapes.
+        batch = collate(mine or batch_samples[:1])
         tally.data_time += time.perf_counter() - t0
-        tally.ids.extend(batch.ids)
+        tally.ids.extend(s.id for s in batch_samples)
+        audio_batch = batch.audio is not None  # one bucket: the same for every row of the global batch
         if self.monitor is not None:
-            self._check_supervision(batch_samples, supervised=batch.audio is not None)
-        with self.representation.capture(self.denoiser, video_token_count(batch.video)) as features:
-            losses = training_step(batch, self.denoiser, cfg, self.generator, self.device, self.autocast_dtype,
-                                   silence=self.silence if missing_audio == "silence" else None, connectors=self.connectors,
-                                   dual_timestep=self.representation.dual_timestep)
+            self._check_supervision(batch_samples, supervised=audio_batch)
+        silence = self.silence if missing_audio == "silence" else None
+        audio_target = batch.audio if audio_batch else None if silence is None else silence.for_batch(batch)
+        draws = draw_batch(batch, cfg, self.generator, audio_shape=None if audio_target is None else tuple(audio_target.shape),
+                           total=len(batch_samples))
+        share = len(mine) / len(batch_samples)  # for terms that are means over this rank's rows
+        losses = None
+        terms: list[tuple[str, torch.Tensor, float]] = []  # terms on the main forward's graph (one backward with it)
+        if mine:
+            with self.representation.capture(self.denoiser, video_token_count(batch.video)) as features:
+                losses = training_step(batch, self.denoiser, cfg, self.generator, self.device, self.autocast_dtype,
+                                       silence=silence, connectors=self.connectors, draws=draws.rows(rows),
+                                       dual_timestep=self.representation.dual_timestep)
+            if losses.loss_silence is not None:
+                terms.append(("silence", losses.loss_silence, cfg.audio.silence_weight))
+            if self.preservation.cfg.prior_divergence:
+                distance = self.preservation.prior_divergence(losses.inputs, losses.pred_video, losses.pred_audio,
+                                                              self.denoiser, self.network, self.device, self.autocast_dtype)
+                terms.append(("prior_divergence", _rows_share(distance, share), -self.preservation.weight("prior_divergence")))
+            # CREPA / Self-Flow (one process only: the Trainer refuses them under torchrun).
+            terms += self.representation.terms(features, losses.inputs, self.denoiser, self.network, self.step, self.device,
+                                               self.autocast_dtype)
+        local = dict.fromkeys(["video", "audio", "silence", "prior_divergence", *self.representation.term_names])
+        if losses is not None:
+            local.update(video=_value(losses.loss_video), audio=_value(losses.loss_audio))
+            local.update({name: _value(value) for name, value, _ in terms})
+        values = self.world.sum_values(local)
         # No video loss in the audio-only mode: the balancer then keeps audio_weight.
-        video_value = None if losses.loss_video is None else losses.loss_video.detach().item()
-        audio_value = None if losses.loss_audio is None else losses.loss_audio.detach().item()
+        video_value, audio_value = values["video"], values["audio"]
         if any(v is not None and not math.isfinite(v) for v in (video_value, audio_value)):
             self._skip_nonfinite(tally.ids, video_value, audio_value)
             return False
         weight = self.balancer.update(video_value, audio_value)
-        total = cfg.loss.video_weight * losses.loss_video if losses.loss_video is not None else torch.zeros((), device=self.device)
-        if losses.loss_audio is not None:
-            total = total + weight * losses.loss_audio
+        if audio_value is not None:
             tally.audio += audio_value
             tally.weighted_audio += weight * audio_value
-            tally.sigma_audio += losses.sigma_audio.mean().item()
+            tally.sigma_audio += draws.sigma_audio.mean().item()
             tally.audio_batches += 1
-        # Terms on the main forward's graph (one backward with the main loss).
-        terms: list[tuple[str, torch.Tensor, float]] = []
-        if losses.loss_silence is not None:
-            terms.append(("silence", losses.loss_silence, cfg.audio.silence_weight))
+        term_weights = {"silence": cfg.audio.silence_weight, "prior_divergence": -self.preservation.weight("prior_divergence")}
+        term_weights.update({name: w for name, _, w in terms if name not in term_weights})  # CREPA / Self-Flow weights
+        recorded = [(name, values[name], w) for name, w in term_weights.items() if values[name] is not None]
+        if values["silence"] is not None:
             tally.regularizer = "silence"
-        if self.preservation.cfg.prior_divergence:
-            distance = self.preservation.prior_divergence(losses.inputs, losses.pred_video, losses.pred_audio,
-                                                          self.denoiser, self.network, self.device, self.autocast_dtype)
-            terms.append(("prior_divergence", distance, -self.preservation.weight("prior_divergence")))
-        terms += self.representation.terms(features, losses.inputs, self.denoiser, self.network, self.step, self.device,
-                                           self.autocast_dtype)
-        for _, value, term_weight in terms:
-            total = total + term_weight * value
-        if not self._record_extras(terms, tally.extras, tally.ids):
+        if not self._record_extras([(name, value) for name, value, _ in recorded], tally.extras, tally.ids):
             return False
-        tally.extra_objective += sum(w * v.detach().item() for _, v, w in terms)
+        tally.extra_objective += sum(w * v for _, v, w in recorded)
         if video_value is not None:
             tally.video += video_value
             tally.video_batches += 1
-        tally.sigma_video += losses.sigma_video.mean().item()
+        tally.sigma_video += draws.sigma_video.mean().item()
         tally.batches += 1
-        self._backward(total / accum)
+        if losses is not None:
+            total = cfg.loss.video_weight * losses.loss_video if losses.loss_video is not None else torch.zeros((), device=self.device)
+            if losses.loss_audio is not None:
+                total = total + weight * losses.loss_audio
+            for _, value, term_weight in terms:
+                total = total + term_weight * value
+            self._backward(total / accum)
 
-        # Terms with their own forwards, each backpropagated at once (their graphs never coexist).
-        separate: list[tuple[str, torch.Tensor, float]] = []
-        if missing_audio == "audio_dop" and batch.audio is None:
-            dop = audio_dop_loss(losses.inputs, batch, self.denoiser, self.network, self.silence, cfg, self.generator,
-                                 self.device, self.autocast_dtype)
-            separate.append(("audio_dop", dop, cfg.audio.audio_dop_multiplier))
+        # Terms with their own forwards, each backpropagated at once.
+        separate_weights: dict[str, float] = {}
+        if missing_audio == "audio_dop" and not audio_batch:
+            separate_weights["audio_dop"] = cfg.audio.audio_dop_multiplier
             tally.regularizer = "audio_dop"
-        for name, value in self.preservation.prompt_losses(losses.inputs, self.denoiser, self.network, self.device,
-                                                           self.autocast_dtype).items():
-            separate.append((name, value, self.preservation.weight(name)))
-        for term in separate:
-            if not self._record_extras([term], tally.extras, tally.ids):
+            dop_sigma, dop_noise = audio_dop_draws(batch, self.silence, cfg, self.generator, total=len(batch_samples))
+        for name in self.preservation.prompt_loss_names:
+            separate_weights[name] = self.preservation.weight(name)
+        if not separate_weights:
+            return True
+        separate: dict[str, torch.Tensor] = {}
+        if losses is not None:
+            if "audio_dop" in separate_weights:
+                dop = audio_dop_loss(losses.inputs, batch, self.denoiser, self.network, self.silence, cfg, self.generator,
+                                     self.device, self.autocast_dtype, draws=(dop_sigma[rows], dop_noise[rows]))
+                separate["audio_dop"] = _rows_share(dop, share)
+            for name, value in self.preservation.prompt_losses(losses.inputs, self.denoiser, self.network, self.device,
+                                                               self.autocast_dtype).items():
+                separate[name] = _rows_share(value, share)
+        values = self.world.sum_values({name: _value(separate.get(name)) for name in separate_weights})
+        for name, term_weight in separate_weights.items():
+            if not self._record_extras([(name, values[name])], tally.extras, tally.ids):
                 return False
-            _, value, term_weight = term
-            self._backward(term_weight * value / accum)
-            tally.extra_objective += term_weight * value.detach().item()
+            if name in separate:
+                self._backward(term_weight * separate[name] / accum)
+            tally.extra_objective += term_weight * values[name]
         return True
 
     def _apply_gradients(self, tally: "_StepTally") -> torch.Tensor | None:
         """Clip, step the optimizer and the schedule; the gradient norm, or None when it is not finite (the
         step is skipped)."""
+        self.world.sum_gradients(self._trained_parameters())
         params = [p for p in self._trained_parameters() if p.grad is not None]
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
@@ -724,10 +791,9 @@ class Trainer:
     def _backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
-    def _record_extras(self, terms, extras: dict[str, list[float]], ids: list[str]) -> bool:
+    def _record_extras(self, values: list[tuple[str, float]], extras: dict[str, list[float]], ids: list[str]) -> bool:
         """Store the raw values of regulariser terms; False (after skipping the step) when one is not finite."""
-        for name, value, _ in terms:
-            number = value.detach().item()
+        for name, number in values:
             if not math.isfinite(number):
                 self._skip_nonfinite(ids, float("nan"), None, what=f"{name} loss")
                 return False
@@ -788,6 +854,15 @@ def format_log_line(metrics: dict, total_steps: int) -> str:
     elif metrics.get("val_loss_audio") is not None:  # audio-only mode
         line += f" | val audio={metrics['val_loss_audio']:.5f}"
     return line
+
+
+def _value(loss: torch.Tensor | None) -> float | None:
+    return None if loss is None else loss.detach().item()
+
+
+def _rows_share(loss: torch.Tensor, share: float) -> torch.Tensor:
+    """A mean over this rank's rows as its part of the global batch's mean (all rows of a batch have one shape)."""
+    return loss if share == 1 else loss * share
 
 
 def _mean(values: list[float] | None) -> float | None:

@@ -90,12 +90,25 @@ def require_silence(config: Config, silence: SilenceSource | None) -> SilenceLat
     return SilenceLatents(silence)
 
 
+def audio_dop_draws(batch: Batch, silence: SilenceLatents, config: Config, generator: torch.Generator,
+                    total: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """σ ``[total]`` and noise ``[total, 8, T, 16]`` of audio DOP for a batch of ``total`` samples shaped like
+    ``batch`` (default: ``batch`` itself); a rank of a run with several ranks keeps its rows."""
+    total = batch.size if total is None else total
+    latent = silence.for_batch(batch)
+    sigma = sample_sigmas(config.timesteps, config.model.version, total, latent.shape[2], generator)
+    noise = offset_noise((total, *latent.shape[1:]), config.loss.audio_noise_offset, AUDIO_OFFSET_DIMS, generator)
+    return sigma, noise
+
+
 def audio_dop_loss(inputs: DenoiserInput, batch: Batch, denoiser, network, silence: SilenceLatents, config: Config,
-                   generator: torch.Generator, device: torch.device, autocast_dtype) -> torch.Tensor:
-    """Audio DOP on an audio-free batch: base vs LoRA audio prediction on noised silence (same video input)."""
+                   generator: torch.Generator, device: torch.device, autocast_dtype,
+                   draws: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Audio DOP on an audio-free batch: base vs LoRA audio prediction on noised silence (same video input).
+    ``draws``: its σ and noise (``audio_dop_draws``); default: drawn here from ``generator``."""
     latent = silence.for_batch(batch).to(device)
-    sigma = sample_sigmas(config.timesteps, config.model.version, batch.size, latent.shape[2], generator).to(device)
-    noise = offset_noise(tuple(latent.shape), config.loss.audio_noise_offset, AUDIO_OFFSET_DIMS, generator).to(device)
+    sigma, noise = draws if draws is not None else audio_dop_draws(batch, silence, config, generator)
+    sigma, noise = sigma.to(device), noise.to(device)
     noisy = add_noise(latent, noise, sigma).to(inputs.video.dtype)
     probe = dataclasses.replace(inputs, audio=noisy, sigma_audio=sigma)
     with torch.no_grad(), network.disabled(), _autocast(device, autocast_dtype):
@@ -125,6 +138,11 @@ class Preservation:
     @property
     def active(self) -> bool:
         return self.cfg.dop or self.cfg.blank or self.cfg.prior_divergence
+
+    @property
+    def prompt_loss_names(self) -> list[str]:
+        """The names ``prompt_losses`` returns, in its order."""
+        return [name for name, key in (("dop", "class"), ("blank", "blank")) if key in self.contexts]
 
     def prompt_losses(self, inputs: DenoiserInput, denoiser, network, device, autocast_dtype) -> dict[str, torch.Tensor]:
         """``{"dop": loss, "blank": loss}`` (unweighted) for the enabled prompt preservations, each from a base

@@ -5,8 +5,8 @@ Whoever wants training to stop calls ``StopRequest.request(reason)``: the CLI's 
 ``should_stop()`` between two optimizer steps, never inside one, so the state it then saves is exactly the
 state a straight run has after that step; a run resumed from it continues bit for bit.
 
-``should_stop()`` is the single place that decides: a distributed run would make every rank agree there
-(stop when any rank was asked) so that all of them stop after the same step.
+``should_stop()`` is the single place that decides: in a run with several ranks every rank agrees there (stop when
+any rank was asked, with its reason), so that all of them stop after the same step.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ class StopRequest:
         self._event = threading.Event()
         self._reason: str | None = None
         self._lock = threading.Lock()
+        self._agree: Callable[[str | None], str | None] | None = None
 
     def request(self, reason: str) -> None:
         with self._lock:
@@ -41,9 +42,19 @@ class StopRequest:
     def reason(self) -> str | None:
         return self._reason
 
+    def agree_with(self, agree: Callable[[str | None], str | None]) -> None:
+        """Several ranks: ``agree(this rank's reason or None)`` returns the reason any rank has to stop, or None
+        (``distributed.World.stop_reason``, a collective every rank calls at the same boundary)."""
+        self._agree = agree
+
     def should_stop(self) -> bool:
-        """Whether the run stops at this step boundary (called by ``Trainer.run`` between steps)."""
-        return self.requested
+        """Whether the run stops at this step boundary (called by ``Trainer.run`` between steps, on every rank)."""
+        if self._agree is None:
+            return self.requested
+        reason = self._agree(self._reason if self.requested else None)
+        if reason is not None and not self.requested:
+            self.request(reason)  # another rank was asked: this one stops for its reason
+        return reason is not None
 
 
 @contextmanager
