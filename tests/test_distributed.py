@@ -295,3 +295,15 @@ def test_only_train_runs_under_torchrun(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["verify", str(tmp_path / "some.safetensors")]) == 2
     assert "`verify` runs in one process, but torchrun started 2" in capsys.readouterr().err
+
+
+def test_representation_regularisers_are_refused_under_torchrun(tmp_path):
+    """CREPA / Self-Flow draw and average per process: with several ranks they would train something else than one
+    process, so the Trainer refuses them before any collective runs."""
+    from ltx2_av_trainer.trainer.config import ConfigError
+
+    for section in ("crepa", "self_flow"):
+        cfg = tiny_config(tmp_path, **{"output.dir": str(tmp_path / section), f"{section}.enabled": True})
+        with pytest.raises(ConfigError, match="not available under torchrun"):
+            Trainer(cfg, build_denoiser(cfg.model), _samples(cfg), cfg.output.dir, world=World(rank=0, size=2))
+        Trainer(cfg, build_denoiser(cfg.model), _samples(cfg), cfg.output.dir)  # one process: fine
