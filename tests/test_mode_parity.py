@@ -8,8 +8,8 @@ denoiser — runs on the same latents, noise and σ. They must agree to float32 
 ComfyUI's two known forward deviations neutralised, the diffusers backend too. A negative control per mode (the
 reference moved, or its timesteps changed) shows the comparison is discriminating.
 
-Measured (ComfyUI v0.33 at commit 783545f6, torch 2.11 CPU, float32, seed-0 tiny weights) with ``pytest -s``: the
-relative errors are printed per mode.
+Every test runs on the LTX-2.0 and the LTX-2.3 tiny model. Measured (ComfyUI v0.33 at commit 783545f6, torch 2.11
+CPU, float32, seed-0 tiny weights) with ``pytest -s``: the relative errors are printed per mode.
 """
 
 from __future__ import annotations
@@ -62,29 +62,31 @@ def home(tmp_path_factory):
         folder_paths.folder_names_and_paths.update(saved)
 
 
-@pytest.fixture(scope="module")
-def parts(home):
-    """The loader's MODEL, the video VAE, the audio VAE and the checkpoint's weights (for diffusers)."""
+@pytest.fixture(scope="module", params=["2.0", "2.3"])
+def parts(home, request):
+    """The loader's MODEL, the video VAE, the audio VAE and the checkpoint's weights (for diffusers), for LTX-2.0
+    and LTX-2.3."""
     import comfy.sd
     import comfy_model_fixtures as fixtures
     from safetensors.torch import load_file
 
     from comfy_fixtures import write_tiny_ltxav_checkpoint
 
-    checkpoint = write_tiny_ltxav_checkpoint(home["weights"], "2.0", TINY)
+    version = request.param
+    checkpoint = write_tiny_ltxav_checkpoint(home["weights"], version, TINY)
     fixtures.write_tiny_audio_vae(home["checkpoints"])
     with torch.inference_mode():
         model = comfy.sd.load_diffusion_model(str(checkpoint))
         vae = fixtures.load_video_vae(fixtures.write_tiny_video_vae(home["weights"]))
         audio_vae = fixtures.load_audio_vae("tiny_ltx2_audio_vae.safetensors")
-    return {"model": model, "vae": vae, "audio_vae": audio_vae, "state": load_file(str(checkpoint))}
+    return {"model": model, "vae": vae, "audio_vae": audio_vae, "state": load_file(str(checkpoint)), "version": version}
 
 
 @pytest.fixture(scope="module")
 def ours(parts):
     from ltx2_av_trainer.trainer.backends.comfyui.denoiser import ComfyDenoiser
 
-    denoiser = ComfyDenoiser(parts["model"], "2.0", checkpointing="none")
+    denoiser = ComfyDenoiser(parts["model"], parts["version"], checkpointing="none")
     denoiser.load()
     return denoiser
 
@@ -93,7 +95,7 @@ def ours(parts):
 def diffusers_denoiser(parts):
     from comfy_fixtures import diffusers_denoiser_from_comfy_state
 
-    return diffusers_denoiser_from_comfy_state(parts["state"], "2.0", TINY)
+    return diffusers_denoiser_from_comfy_state(parts["state"], parts["version"], TINY)
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +104,11 @@ def prompt(parts):
     TextContext our cache would hold for it."""
     from ltx2_av_trainer.trainer.backends.comfyui.denoiser import text_context_from_conditioning
 
-    features = torch.randn(1, 7, TINY.caption_channels, generator=torch.Generator().manual_seed(3))
+    from ltx2_av_trainer.trainer.backends.comfyui.denoiser import context_widths, ltxav_diffusion_model
+
+    # LTX-2.0's text encoder projects to caption_channels; LTX-2.3's dual projection to the video and audio widths.
+    width = sum(context_widths(ltxav_diffusion_model(parts["model"]))) if parts["version"] == "2.3" else TINY.caption_channels
+    features = torch.randn(1, 7, width, generator=torch.Generator().manual_seed(3))
     conditioning = [[features, {"unprocessed_ltxav_embeds": True, "frame_rate": FPS}]]
     with torch.no_grad():
         text = text_context_from_conditioning(parts["model"], features, unprocessed=True)
@@ -247,12 +253,12 @@ def ic_lora_parameters(parts, home, factor: int) -> dict:
 
     config = Config.from_dict({"conditioning": {"mode": "ic"}, "network": {"preset": "v2v", "rank": 2, "alpha": 2.0},
                                "dataset": {"reference_downscale": factor, "width": SIZE, "height": SIZE}})
-    denoiser = ComfyDenoiser(parts["model"], "2.0", checkpointing="none")
+    denoiser = ComfyDenoiser(parts["model"], parts["version"], checkpointing="none")
     network = build_lora(denoiser, config.network, with_audio=True)
     try:
         name = f"ic_factor{factor}.safetensors"
         save_network(network, home["loras"] / name, config_json=config.to_json(), base_fingerprint="test", step=1,
-                     version="2.0", extra_metadata=lora_metadata(config))
+                     version=parts["version"], extra_metadata=lora_metadata(config))
     finally:
         network.detach()
     with torch.inference_mode():
