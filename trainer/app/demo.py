@@ -9,9 +9,12 @@ export → verify → A/B sample, writing ``DIR/report.json`` and the run direct
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Iterator
 
 from ..config import Config
 from ..data.synth import make_demo_dataset
@@ -22,6 +25,7 @@ from .pipeline import (
     build_headless_encoders,
     cache_dataset,
     run_doctor_command,
+    run_verify_command,
     train_from_cache,
 )
 
@@ -53,58 +57,78 @@ def demo_config(out: Path, steps: int, version: str) -> Config:
     )
 
 
+class StageClock:
+    """The demos' stage timings: ``with clock("cache"): ...`` records the stage's seconds and prints one line."""
+
+    def __init__(self, label: str, quiet: bool):
+        self.label, self.quiet = label, quiet
+        self.started = time.monotonic()
+        self.timings: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.monotonic()
+        yield
+        self.timings[name] = round(time.monotonic() - t0, 2)
+        if not self.quiet:
+            print(f"[{self.label}] {name} done in {self.timings[name]:.1f} s", flush=True)
+
+    def total_s(self) -> float:
+        return round(time.monotonic() - self.started, 1)
+
+
+@dataclass
+class PipelineRun:
+    """What doctor → cache → train → verify gave (both demos run these stages alike)."""
+
+    doctor: Any
+    encoders: Any
+    cache: dict
+    denoiser: Any
+    result: Any
+    verify: Any
+
+
+def doctor_cache_train_verify(config: Config, out: Path, stage: StageClock, *, quiet: bool,
+                              decode: bool = False) -> PipelineRun:
+    """The CLI's doctor, cache, train and verify steps on the synthesised data, writing ``doctor.json`` and
+    ``verify.json`` into ``out``; ``decode``: the cache also writes its decoded previews."""
+    with stage("doctor"):
+        doctor = run_doctor_command(config, quiet=quiet)
+        atomic_write_json(out / "doctor.json", doctor.to_dict())
+    with stage("cache"):
+        encoders = build_headless_encoders(config)
+        cache = cache_dataset(config, encoders, quiet=quiet, decode=decode)
+    with stage("train"):
+        denoiser = build_headless_denoiser(config)
+        result = train_from_cache(config, denoiser, encoders=encoders, callbacks=ConsoleTraining(quiet=quiet), quiet=quiet)
+    with stage("verify"):
+        verify = run_verify_command(config, result.lora_path)
+        atomic_write_json(out / "verify.json", verify.to_dict())
+        if not quiet:
+            print(verify.summary())
+    return PipelineRun(doctor, encoders, cache, denoiser, result, verify)
+
+
 def run_demo(out: Path, *, steps: int | None = None, version: str = "2.0", quiet: bool = False) -> dict:
+    from ..adapters.network import load_lora_file
     from ..evaluation.previews import sample_and_write
-    from .pipeline import run_verify_command
 
     out = Path(out)
-    started = time.monotonic()
-    timings: dict[str, float] = {}
+    stage = StageClock("demo", quiet)
     config = demo_config(out, steps or DEMO_STEPS, version)
-
-    def stage(name: str, t0: float) -> None:
-        timings[name] = round(time.monotonic() - t0, 2)
-        if not quiet:
-            print(f"[demo] {name} done in {timings[name]:.1f} s", flush=True)
-
-    t0 = time.monotonic()
-    clips = make_demo_dataset(out / "data", speakers=1, clips_per_speaker=8, seconds=1.2, fps=25, width=128, height=96,
-                              trigger=DEMO_TRIGGER, seed=0)
-    stage("synthesise", t0)
-
-    t0 = time.monotonic()
-    doctor = run_doctor_command(config, quiet=quiet)
-    atomic_write_json(out / "doctor.json", doctor.to_dict())
-    stage("doctor", t0)
-
-    t0 = time.monotonic()
-    encoders = build_headless_encoders(config)
-    cache = cache_dataset(config, encoders, quiet=quiet, decode=True)
-    stage("cache", t0)
-
-    t0 = time.monotonic()
-    denoiser = build_headless_denoiser(config)
-    result = train_from_cache(config, denoiser, encoders=encoders, callbacks=ConsoleTraining(quiet=quiet), quiet=quiet)
-    stage("train", t0)
-
-    t0 = time.monotonic()
-    verify = run_verify_command(config, result.lora_path)
-    atomic_write_json(out / "verify.json", verify.to_dict())
-    if not quiet:
-        print(verify.summary())
-    stage("verify", t0)
-
-    t0 = time.monotonic()
-    from ..adapters.network import load_lora_file
-
-    network = load_lora_file(denoiser, result.lora_path)
-    samples = sample_and_write(config, denoiser, encoders, None, f"{DEMO_TRIGGER}, a person speaks to the camera in a quiet room",
-                               out / "samples", seed=1, steps=12, network=network)
-    stage("sample", t0)
-
-    t0 = time.monotonic()
-    voice = score_demo_samples(out, samples, quiet=quiet)
-    stage("voice score", t0)
+    with stage("synthesise"):
+        clips = make_demo_dataset(out / "data", speakers=1, clips_per_speaker=8, seconds=1.2, fps=25, width=128,
+                                  height=96, trigger=DEMO_TRIGGER, seed=0)
+    run = doctor_cache_train_verify(config, out, stage, quiet=quiet, decode=True)
+    doctor, cache, result, verify = run.doctor, run.cache, run.result, run.verify
+    with stage("sample"):
+        network = load_lora_file(run.denoiser, result.lora_path)
+        samples = sample_and_write(config, run.denoiser, run.encoders, None,
+                                   f"{DEMO_TRIGGER}, a person speaks to the camera in a quiet room", out / "samples",
+                                   seed=1, steps=12, network=network)
+    with stage("voice score"):
+        voice = score_demo_samples(out, samples, quiet=quiet)
 
     metrics = read_jsonl(result.run_dir / "metrics.jsonl")
     report = {
@@ -119,13 +143,12 @@ def run_demo(out: Path, *, steps: int | None = None, version: str = "2.0", quiet
         "verify": verify.to_dict(),
         "samples": samples,
         "voice": voice,
-        "timings_s": timings,
-        "total_s": round(time.monotonic() - started, 1),
+        "timings_s": stage.timings,
+        "total_s": stage.total_s(),
     }
-    t0 = time.monotonic()
-    report["report_html"] = write_report_page(out, result.run_dir, quiet=quiet)
-    stage("report page", t0)
-    report["total_s"] = round(time.monotonic() - started, 1)
+    with stage("report page"):
+        report["report_html"] = write_report_page(out, result.run_dir, quiet=quiet)
+    report["total_s"] = stage.total_s()
     atomic_write_json(out / "report.json", report)
     if not quiet:
         t = report["trends"]

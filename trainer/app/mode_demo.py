@@ -16,7 +16,6 @@ audio-only, a clip's first latent frame, its reference, a reference recording), 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 from ..adapters.files import METADATA_PREFIX, read_adapter_file
@@ -26,8 +25,7 @@ from ..data.synth import make_demo_dataset
 from ..data.synth_modes import make_audio_dataset, make_reference_folder
 from ..io_utils import atomic_write_json, read_jsonl
 from ..training.conditioning import generation_inputs
-from .console import ConsoleTraining
-from .pipeline import build_headless_denoiser, build_headless_encoders, cache_dataset, run_doctor_command, train_from_cache
+from .demo import StageClock, doctor_cache_train_verify
 
 MODE_DEMOS = ("audio", "i2v", "ic", "id")
 MODE_DEMO_STEPS = 100
@@ -92,48 +90,23 @@ def mode_checks(mode: str, config: Config, lora_path: Path, metrics: list[dict],
 def run_mode_demo(out: Path, mode: str, *, steps: int | None = None, version: str = "2.0", quiet: bool = False) -> dict:
     from ..adapters.network import load_lora_file
     from ..evaluation.previews import sample_and_write
-    from .pipeline import cache_dir_of, run_verify_command
+    from .pipeline import cache_dir_of
 
     if mode not in MODE_DEMOS:
         raise ValueError(f"--mode {mode!r}: choose av or one of {', '.join(MODE_DEMOS)}")
     out = Path(out)
-    started = time.monotonic()
-    timings: dict[str, float] = {}
+    stage = StageClock(f"demo {mode}", quiet)
     config = mode_demo_config(out, mode, steps or MODE_DEMO_STEPS, version)
-
-    def stage(name: str, t0: float) -> None:
-        timings[name] = round(time.monotonic() - t0, 2)
-        if not quiet:
-            print(f"[demo {mode}] {name} done in {timings[name]:.1f} s", flush=True)
-
-    t0 = time.monotonic()
-    media = synthesise(out, mode)
-    stage("synthesise", t0)
-    t0 = time.monotonic()
-    doctor = run_doctor_command(config, quiet=quiet)
-    atomic_write_json(out / "doctor.json", doctor.to_dict())
-    stage("doctor", t0)
-    t0 = time.monotonic()
-    encoders = build_headless_encoders(config)
-    cache = cache_dataset(config, encoders, quiet=quiet)
-    stage("cache", t0)
-    t0 = time.monotonic()
-    denoiser = build_headless_denoiser(config)
-    result = train_from_cache(config, denoiser, encoders=encoders, callbacks=ConsoleTraining(quiet=quiet), quiet=quiet)
-    stage("train", t0)
-    t0 = time.monotonic()
-    verify = run_verify_command(config, result.lora_path)
-    atomic_write_json(out / "verify.json", verify.to_dict())
-    if not quiet:
-        print(verify.summary())
-    stage("verify", t0)
-    t0 = time.monotonic()
-    samples_cached, _ = load_training_samples(cache_dir_of(config), expect_audio=True)
-    network = load_lora_file(denoiser, result.lora_path)
-    samples = sample_and_write(config, denoiser, encoders, None, f"{TRIGGER}, a person speaks in a quiet room",
-                               out / "samples", seed=1, steps=8, network=network,
-                               conditioning=generation_inputs(config, samples_cached[0]))
-    stage("sample", t0)
+    with stage("synthesise"):
+        media = synthesise(out, mode)
+    run = doctor_cache_train_verify(config, out, stage, quiet=quiet)
+    doctor, cache, result, verify = run.doctor, run.cache, run.result, run.verify
+    with stage("sample"):
+        samples_cached, _ = load_training_samples(cache_dir_of(config), expect_audio=True)
+        network = load_lora_file(run.denoiser, result.lora_path)
+        samples = sample_and_write(config, run.denoiser, run.encoders, None, f"{TRIGGER}, a person speaks in a quiet room",
+                                   out / "samples", seed=1, steps=8, network=network,
+                                   conditioning=generation_inputs(config, samples_cached[0]))
 
     metrics = read_jsonl(result.run_dir / "metrics.jsonl")
     checks = mode_checks(mode, config, result.lora_path, metrics, verify)
@@ -148,8 +121,8 @@ def run_mode_demo(out: Path, mode: str, *, steps: int | None = None, version: st
         "checks": checks,
         "verify": verify.to_dict(),
         "samples": samples,
-        "timings_s": timings,
-        "total_s": round(time.monotonic() - started, 1),
+        "timings_s": stage.timings,
+        "total_s": stage.total_s(),
     }
     atomic_write_json(out / "report.json", report)
     if not quiet:
