@@ -1,12 +1,15 @@
 """Tiny LTXAV checkpoints built with ComfyUI's own classes (``trainer.backends.comfyui.random_model``, which the
-bench uses too), and their conversion to the diffusers model.
+bench uses too), their conversion to the diffusers model, and ComfyUI's model folders redirected for a test.
 
 Needs ComfyUI importable (the ComfyUI-tier tests put ``COMFYUI_PATH`` on ``sys.path`` first).
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
+from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -19,6 +22,21 @@ from ltx2_av_trainer.trainer.backends.comfyui.random_model import (  # noqa: F40
 )
 from ltx2_av_trainer.trainer.backends.diffusers_backend import DiffusersDenoiser, tiny_transformer_config
 from ltx2_av_trainer.trainer.config import TinyModelConfig
+
+@contextlib.contextmanager
+def comfy_model_folders(folders: dict[str, Path]) -> Iterator[None]:
+    """ComfyUI's model folders (``loras``, ``checkpoints``, ...) pointed at ``folders[name]`` while open, and
+    restored after."""
+    import folder_paths
+
+    saved = {name: folder_paths.folder_names_and_paths[name] for name in folders}
+    for name, folder in folders.items():
+        folder_paths.folder_names_and_paths[name] = ([str(folder)], folder_paths.supported_pt_extensions)
+    try:
+        yield
+    finally:
+        folder_paths.folder_names_and_paths.update(saved)
+
 
 # ---- ComfyUI / ltx-core keys → diffusers LTX2VideoTransformer3DModel keys -----------------------------
 

@@ -24,21 +24,21 @@ TINY = TinyModelConfig()
 def setup(comfy, tmp_path_factory):
     """(loras folder, ComfyUI MODEL, our diffusers denoiser with the same weights)."""
     import comfy.sd
-    import folder_paths
-    from comfy_fixtures import CHECKPOINT_PREFIX, diffusers_denoiser_from_comfy_state, write_tiny_ltxav_checkpoint
+    from comfy_fixtures import (
+        CHECKPOINT_PREFIX,
+        comfy_model_folders,
+        diffusers_denoiser_from_comfy_state,
+        write_tiny_ltxav_checkpoint,
+    )
     from safetensors.torch import load_file
 
     loras = tmp_path_factory.mktemp("loras")
-    saved = folder_paths.folder_names_and_paths["loras"]
-    folder_paths.folder_names_and_paths["loras"] = ([str(loras)], folder_paths.supported_pt_extensions)
-    checkpoint = write_tiny_ltxav_checkpoint(tmp_path_factory.mktemp("ltxav"), "2.0", TINY)
-    with torch.inference_mode():
-        patcher = comfy.sd.load_diffusion_model(str(checkpoint))
-    state = {k.removeprefix(CHECKPOINT_PREFIX): v for k, v in load_file(str(checkpoint)).items()}
-    try:
+    with comfy_model_folders({"loras": loras}):
+        checkpoint = write_tiny_ltxav_checkpoint(tmp_path_factory.mktemp("ltxav"), "2.0", TINY)
+        with torch.inference_mode():
+            patcher = comfy.sd.load_diffusion_model(str(checkpoint))
+        state = {k.removeprefix(CHECKPOINT_PREFIX): v for k, v in load_file(str(checkpoint)).items()}
         yield loras, patcher, diffusers_denoiser_from_comfy_state(state, "2.0", TINY)
-    finally:
-        folder_paths.folder_names_and_paths["loras"] = saved
 
 
 def comfy_deltas(patcher, tensors, caplog) -> dict[str, torch.Tensor]:

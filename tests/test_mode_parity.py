@@ -47,19 +47,14 @@ def home(tmp_path_factory):
     from ltx2_av_trainer.trainer.backends.comfyui.env import import_model_management
 
     import_model_management(path)
-    import folder_paths
+    from comfy_fixtures import comfy_model_folders
 
     root = tmp_path_factory.mktemp("mode_parity")
     folders = {name: root / name for name in ("checkpoints", "loras", "weights")}
     for folder in folders.values():
         folder.mkdir()
-    saved = {name: folder_paths.folder_names_and_paths[name] for name in ("checkpoints", "loras")}
-    for name in saved:
-        folder_paths.folder_names_and_paths[name] = ([str(folders[name])], folder_paths.supported_pt_extensions)
-    try:
+    with comfy_model_folders({name: folders[name] for name in ("checkpoints", "loras")}):
         yield folders
-    finally:
-        folder_paths.folder_names_and_paths.update(saved)
 
 
 @pytest.fixture(scope="module", params=["2.0", "2.3"])

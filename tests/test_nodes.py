@@ -83,24 +83,21 @@ def comfy_home(tmp_path_factory):
 
     import_model_management(path)
     import folder_paths
+    from comfy_fixtures import comfy_model_folders
 
     root = tmp_path_factory.mktemp("comfy_home")
     folders = {name: root / name for name in ("output", "input", "loras", "checkpoints")}
     for folder in folders.values():
         folder.mkdir()
-    saved = (folder_paths.get_output_directory(), folder_paths.get_input_directory(),
-             folder_paths.folder_names_and_paths["loras"], folder_paths.folder_names_and_paths["checkpoints"])
+    saved = (folder_paths.get_output_directory(), folder_paths.get_input_directory())
     folder_paths.set_output_directory(str(folders["output"]))
     folder_paths.set_input_directory(str(folders["input"]))
-    folder_paths.folder_names_and_paths["loras"] = ([str(folders["loras"])], folder_paths.supported_pt_extensions)
-    folder_paths.folder_names_and_paths["checkpoints"] = ([str(folders["checkpoints"])], folder_paths.supported_pt_extensions)
     try:
-        yield folders
+        with comfy_model_folders({name: folders[name] for name in ("loras", "checkpoints")}):
+            yield folders
     finally:
         folder_paths.set_output_directory(saved[0])
         folder_paths.set_input_directory(saved[1])
-        folder_paths.folder_names_and_paths["loras"] = saved[2]
-        folder_paths.folder_names_and_paths["checkpoints"] = saved[3]
 
 
 @pytest.fixture(scope="module")
